@@ -1,0 +1,95 @@
+"""``ssl-pipeline``: run the pipeline, retry a failed run, show the configuration."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from flows.config import ConfigError, PipelineConfig, load_config
+
+PROFILES = Path(__file__).parent / "profiles"
+
+
+def _ui_hint(flow_run_id: str | None) -> list[str]:
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+    lines = []
+    if PREFECT_API_URL.value():
+        ui = PREFECT_UI_URL.value() or PREFECT_API_URL.value().removesuffix("/api")
+        lines.append(f"Prefect flow run: {ui}/runs/flow-run/{flow_run_id}")
+    else:
+        lines.append(f"Prefect flow run: {flow_run_id} (temporary server; set PREFECT_API_URL to keep runs)")
+    lines.append("Open the UIs:      make services   (Prefect http://127.0.0.1:4200, MLflow http://127.0.0.1:5000)")
+    return lines
+
+
+def cmd_run(args) -> int:
+    try:  # refuse a bad config before any work starts
+        load_config(args.config, args.set)
+    except ConfigError as e:
+        print(f"ssl-pipeline: {e}", file=sys.stderr)
+        return 2
+    from flows.pipeline import pipeline
+    state = pipeline(config_path=str(Path(args.config).resolve()) if args.config else None,
+                     overrides=args.set, return_state=True)
+    flow_run_id = str(state.state_details.flow_run_id) if state.state_details else None
+    if not state.is_completed():
+        print(f"\nssl-pipeline: run failed: {state.message}", file=sys.stderr)
+        print("\n".join(_ui_hint(flow_run_id)), file=sys.stderr)
+        print(f"Retry it (finished stages come back cached): ssl-pipeline retry {flow_run_id}", file=sys.stderr)
+        return 1
+    summary = state.result()
+    print(f"\nDone: {state.message}")
+    print(f"Model:            {summary['model_uri']}")
+    print(f"MLflow run:       {summary['mlflow_run_url']}")
+    print(f"Data:             {summary['run_dir']}")
+    print("\n".join(_ui_hint(flow_run_id)))
+    return 0
+
+
+def cmd_retry(args) -> int:
+    """Retry a finished or failed flow run in this process: the CLI twin of the UI's Retry."""
+    entry = f"{Path(__file__).with_name('pipeline.py')}:pipeline"
+    prefect = Path(sys.executable).with_name("prefect")
+    return subprocess.call([str(prefect), "flow-run", "retry", args.flow_run_id, "--entrypoint", entry])
+
+
+def cmd_config(args) -> int:
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as e:
+        print(f"ssl-pipeline: {e}", file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ssl-pipeline", description="Raw web pages to a pretrained model.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, fn, text in [("run", cmd_run, "run the whole pipeline"),
+                           ("config", cmd_config, "print the resolved configuration")]:
+        sp = sub.add_parser(name, help=text)
+        sp.add_argument("--config", help=f"YAML config file (default: built-in defaults; demo profile: "
+                                         f"{PROFILES / 'demo.yaml'})")
+        sp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one setting, e.g. --set train.max_steps=200 (repeatable)")
+        sp.set_defaults(fn=fn)
+    sp = sub.add_parser("retry", help="retry a failed flow run; finished stages come back cached")
+    sp.add_argument("flow_run_id")
+    sp.set_defaults(fn=cmd_retry)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""The pipeline's configuration: one YAML file, one pydantic model per stage.
+
+Unknown keys and wrong types are refused before any work starts, naming the key. Every field
+has a default (FineWeb's published values for the filters) and a description.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used; the message names the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CollectConfig(Section):
+    start_urls: list[str] = Field([], description="Crawl these URLs and the same-host pages they link to.")
+    paths: list[str] = Field([], description="Local .html/.htm/.txt files or folders of them, read as pages.")
+    pydoc_modules: list[str] | None = Field(
+        None, description="Standard-library modules rendered as the embedded pydoc site, crawled when no "
+                          "start_urls or paths are given; null means the curated default list.")
+    max_pages: int = Field(500, ge=1, description="Stop the crawl after this many fetched pages.")
+    concurrency: int = Field(8, ge=1, le=256, description="Requests in flight at once.")
+    timeout_s: float = Field(15.0, gt=0, description="Timeout of one HTTP request, seconds.")
+    retries: int = Field(2, ge=0, le=10, description="Retries after a timeout, connection error, 429 or 5xx.")
+    backoff_s: float = Field(0.5, ge=0, description="First retry waits this long; each next one twice as long.")
+    respect_robots: bool = Field(True, description="Honour robots.txt of every crawled host.")
+    user_agent: str = Field("ssl-pipeline/0.1", description="User-Agent header sent with every request.")
+    max_bytes: int = Field(10_000_000, ge=1024, description="Larger responses are dropped as too_large.")
+
+
+class ExtractConfig(Section):
+    favor_precision: bool = Field(False, description="trafilatura: prefer less text but less noise.")
+    favor_recall: bool = Field(False, description="trafilatura: prefer more text even if noisier.")
+    include_tables: bool = Field(True, description="trafilatura: keep text found in tables.")
+    include_comments: bool = Field(False, description="trafilatura: keep comment sections.")
+
+
+class GopherRepetitionConfig(Section):
+    enabled: bool = Field(True, description="Apply Gopher's repetition rules.")
+    dup_line_frac: float = Field(0.30, description="Max fraction of lines that are duplicates.")
+    dup_para_frac: float = Field(0.30, description="Max fraction of paragraphs that are duplicates.")
+    dup_line_char_frac: float = Field(0.20, description="Max fraction of characters in duplicate lines.")
+    dup_para_char_frac: float = Field(0.20, description="Max fraction of characters in duplicate paragraphs.")
+    top_n_grams: dict[int, float] = Field(
+        {2: 0.20, 3: 0.18, 4: 0.16}, description="n -> max char fraction of the most frequent word n-gram.")
+    dup_n_grams: dict[int, float] = Field(
+        {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10},
+        description="n -> max char fraction covered by duplicated word n-grams.")
+
+
+class GopherQualityConfig(Section):
+    enabled: bool = Field(True, description="Apply Gopher's quality rules.")
+    min_doc_words: int = Field(50, description="Min words (punctuation excluded).")
+    max_doc_words: int = Field(100_000, description="Max words (punctuation excluded).")
+    min_avg_word_length: float = Field(3, description="Min mean word length, characters.")
+    max_avg_word_length: float = Field(10, description="Max mean word length, characters.")
+    max_symbol_word_ratio: float = Field(0.1, description="Max '#' per word, and max ellipses per word.")
+    max_bullet_lines_ratio: float = Field(0.9, description="Max fraction of lines starting with a bullet.")
+    max_ellipsis_lines_ratio: float = Field(0.3, description="Max fraction of lines ending with an ellipsis.")
+    min_alpha_words_ratio: float = Field(0.8, description="Min fraction of words with an alphabetic character.")
+    min_stop_words: int = Field(2, description="Min count of stop words.")
+    stop_words: list[str] = Field(["the", "be", "to", "of", "and", "that", "have", "with"],
+                                  description="The stop words counted by min_stop_words.")
+
+
+class FilterConfig(Section):
+    gopher_repetition: GopherRepetitionConfig = Field(default_factory=GopherRepetitionConfig,
+                                                      description="Gopher repetition rules (FineWeb defaults).")
+    gopher_quality: GopherQualityConfig = Field(default_factory=GopherQualityConfig,
+                                                description="Gopher quality rules (FineWeb defaults).")
+
+
+class DedupConfig(Section):
+    exact: bool = Field(True, description="Drop documents whose normalized text hash was seen before.")
+    near: bool = Field(True, description="Drop near-duplicates found by MinHash LSH.")
+    ngram: int = Field(5, ge=1, description="Shingles are word n-grams of this size.")
+    num_perm: int = Field(112, ge=8, description="MinHash permutations; must equal bands * rows when both are set.")
+    bands: int | None = Field(14, ge=1, description="LSH bands (null: derive from threshold).")
+    rows: int | None = Field(8, ge=1, description="LSH rows per band (null: derive from threshold).")
+    threshold: float | None = Field(None, gt=0, lt=1,
+                                    description="Jaccard threshold; used to pick bands x rows when those are null.")
+    seed: int = Field(1, description="MinHash seed: signatures are comparable only with the same seed.")
+    survivor: Literal["longest", "first"] = Field(
+        "longest", description="Kept document of a cluster: longest text (ties by doc_id), or smallest doc_id.")
+
+    @model_validator(mode="after")
+    def _lsh_params(self) -> "DedupConfig":
+        if (self.bands is None) != (self.rows is None):
+            raise ValueError("set both bands and rows, or neither (then threshold is used)")
+        if self.bands is not None and self.bands * self.rows != self.num_perm:
+            raise ValueError(f"bands * rows = {self.bands * self.rows} must equal num_perm = {self.num_perm}")
+        if self.bands is None and self.threshold is None:
+            raise ValueError("give bands and rows, or a threshold")
+        return self
+
+
+class TokenizeConfig(Section):
+    vocab_size: int = Field(8192, ge=300, le=1_000_000, description="BPE vocabulary size, special tokens included.")
+    min_frequency: int = Field(2, ge=1, description="Merges need at least this many occurrences.")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="Fraction of documents held out for validation.")
+    seed: int = Field(0, description="Seed of the train/validation split (by doc_id hash).")
+
+
+class TrainConfig(Section):
+    n_layer: int = Field(4, ge=1, description="Transformer blocks.")
+    n_head: int = Field(4, ge=1, description="Attention heads.")
+    n_embd: int = Field(256, ge=8, description="Model width.")
+    block_size: int = Field(256, ge=8, description="Context length in tokens.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout probability.")
+    batch_size: int = Field(16, ge=1, description="Sequences per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_steps: int = Field(1000, ge=1, description="Optimizer steps.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    min_lr: float = Field(1e-4, ge=0, description="Learning rate at the end of the cosine decay.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (2-D weights only).")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the gradient norm to this (0: off).")
+    eval_interval: int = Field(100, ge=1, description="Validate every this many steps (and at the end).")
+    eval_batches: int = Field(10, ge=1, description="Validation batches per evaluation.")
+    checkpoint_interval: int = Field(250, ge=1, description="Checkpoint every this many steps (and at the end).")
+    seed: int = Field(1337, description="Seed of initialisation and batch sampling.")
+    device: str = Field("auto", description="'auto' (CUDA if present, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (null: torch's default).")
+
+
+class TrackingConfig(Section):
+    experiment: str = Field("ssl-pipeline", description="MLflow experiment name.")
+    registered_model: str = Field("ssl-gpt", description="Name under which the trained model is registered.")
+
+
+class PipelineConfig(Section):
+    data_dir: str = Field("runs", description="Where every stage writes its Parquet shards, per flow run.")
+    collect: CollectConfig = Field(default_factory=CollectConfig, description="Stage 1: collect pages.")
+    extract: ExtractConfig = Field(default_factory=ExtractConfig, description="Stage 2: extract main text.")
+    filter: FilterConfig = Field(default_factory=FilterConfig, description="Stage 3: quality filters.")
+    dedup: DedupConfig = Field(default_factory=DedupConfig, description="Stage 4: deduplication.")
+    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig, description="Stage 5: tokenizer and shards.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Stage 6: pretraining.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow names.")
+
+    def section_digest(self, section: str) -> str:
+        """Digest of one section: part of that stage's cache key."""
+        data = getattr(self, section).model_dump(mode="json")
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{key}' is not a section")
+        node = child
+    node[leaf] = value
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read the YAML file (or nothing: all defaults), apply ``section.key=value`` overrides, validate."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        _set(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as e:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid configuration{where}:\n{_describe(e)}") from None
+
+
+def flatten(cfg: PipelineConfig) -> dict[str, str]:
+    """The resolved config as flat ``section.key`` -> string params for MLflow."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and node and all(isinstance(k, str) for k in node):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = json.dumps(node) if not isinstance(node, str) else node
+
+    walk("", cfg.model_dump(mode="json"))
+    return out

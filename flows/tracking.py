@@ -1,0 +1,134 @@
+"""MLflow bookkeeping: one parent run per pipeline run, one nested run per stage, datasets, funnel.
+
+MLflow's active run is thread-local, so nothing here relies on it between calls: run ids
+are passed explicitly and every write names its run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import mlflow
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.data.sources import LocalArtifactDatasetSource
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+
+from flows.config import PipelineConfig, flatten
+
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the CLI prints the links once
+FLOW_RUN_TAG = "prefect.flow_run_id"
+STAGE_TAG = "ssl_pipeline.stage"
+
+
+def client() -> MlflowClient:
+    return MlflowClient()
+
+
+def experiment_id(name: str) -> str:
+    exp = client().get_experiment_by_name(name)
+    return exp.experiment_id if exp else client().create_experiment(name)
+
+
+def _find_run(exp_id: str, flow_run_id: str, stage: str | None) -> str | None:
+    where = f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'"
+    where += f" and tags.`{STAGE_TAG}` = '{stage}'" if stage else " and tags.`mlflow.parentRunId` IS NULL"
+    runs = client().search_runs([exp_id], where, order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def start_pipeline_run(cfg: PipelineConfig, flow_run_id: str, flow_run_name: str, config_yaml: str) -> str:
+    """The parent run of this Prefect flow run: created once, found again (and reopened) on retry."""
+    c = client()
+    exp = experiment_id(cfg.tracking.experiment)
+    run_id = _find_run(exp, flow_run_id, None)
+    if run_id is not None:
+        c.update_run(run_id, status="RUNNING")
+        old = c.get_run(run_id).data.params
+        changed = {k: v for k, v in flatten(cfg).items() if k in old and old[k] != v[:6000]}
+        if changed:  # MLflow params are immutable: keep the retry's config as an artifact
+            c.set_tag(run_id, "ssl_pipeline.config_changed_on_retry", ", ".join(sorted(changed)))
+            _log_text(run_id, config_yaml, f"config/retry-{len(c.list_artifacts(run_id, 'config'))}.yaml")
+        return run_id
+    run = c.create_run(exp, run_name=f"pipeline-{flow_run_name}", tags={FLOW_RUN_TAG: flow_run_id})
+    run_id = run.info.run_id
+    params = [Param(k, v[:6000]) for k, v in flatten(cfg).items()]
+    for i in range(0, len(params), 100):
+        c.log_batch(run_id, params=params[i:i + 100])
+    _log_text(run_id, config_yaml, "config/resolved.yaml")
+    return run_id
+
+
+def start_stage_run(parent_run_id: str, stage: str, flow_run_id: str) -> str:
+    c = client()
+    exp = c.get_run(parent_run_id).info.experiment_id
+    run = c.create_run(exp, run_name=stage, tags={
+        "mlflow.parentRunId": parent_run_id, FLOW_RUN_TAG: flow_run_id, STAGE_TAG: stage})
+    return run.info.run_id
+
+
+def end_run(run_id: str, ok: bool) -> None:
+    client().set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
+
+
+def _log_text(run_id: str, text: str, artifact_file: str) -> None:
+    client().log_text(run_id, text, artifact_file)
+
+
+def dataset(manifest: dict, name: str) -> MetaDataset:
+    """A stage's Parquet output as an MLflow dataset: its folder as source, its digest (36 chars max)."""
+    return MetaDataset(LocalArtifactDatasetSource(manifest["dir"]), name=name, digest=manifest["digest"][:36])
+
+
+def stage_metrics(manifest: dict, inputs: list[dict]) -> dict[str, float]:
+    m = {"docs_in": float(inputs[0]["rows"]) if inputs else float(manifest["rows"] + manifest["dropped"]),
+         "docs_out": float(manifest["rows"]), "dropped": float(manifest["dropped"]),
+         "bytes_out": float(manifest["bytes"]), "seconds": float(manifest.get("seconds", 0.0))}
+    m.update({f"dropped.{reason}": float(n) for reason, n in manifest["reasons"].items()})
+    return m
+
+
+def log_stage(run_id: str, stage: str, manifest: dict, inputs: list[dict], metrics: dict | None = None) -> None:
+    """Counts, seconds and bytes as metrics; input and output datasets with mlflow.log_input."""
+    values = {**stage_metrics(manifest, inputs), **(metrics or {})}
+    client().log_batch(run_id, metrics=[Metric(k, v, int(mlflow.utils.time.get_current_time_millis()), 0)
+                                        for k, v in values.items()])
+    with mlflow.start_run(run_id=run_id, nested=True):  # log_input needs an active run: only inside this block
+        for m in inputs:
+            mlflow.log_input(dataset(m, m["stage"]), context="input", tags={"sha256": m["digest"]})
+        mlflow.log_input(dataset(manifest, stage), context="output", tags={"sha256": manifest["digest"]})
+    _log_text(run_id, json.dumps(manifest, indent=2, default=str), "manifest.json")
+
+
+def funnel(manifests: dict[str, dict]) -> list[dict]:
+    """Documents per stage and dropped by reason: one row per stage."""
+    return [{"stage": s, "docs_in": m.get("input_rows", m["rows"] + m["dropped"]), "docs_out": m["rows"],
+             "dropped": m["dropped"],
+             "dropped_by_reason": ", ".join(f"{r}={n}" for r, n in m["reasons"].items()) or "-"}
+            for s, m in manifests.items()]
+
+
+def log_funnel(run_id: str, rows: list[dict]) -> None:
+    lines = ["| stage | docs in | docs out | dropped | dropped by reason |", "|---|---:|---:|---:|---|"]
+    lines += [f"| {r['stage']} | {r['docs_in']} | {r['docs_out']} | {r['dropped']} | {r['dropped_by_reason']} |"
+              for r in rows]
+    _log_text(run_id, "\n".join(lines) + "\n", "funnel.md")
+    _log_text(run_id, json.dumps(rows, indent=2), "funnel.json")
+    ts = int(mlflow.utils.time.get_current_time_millis())
+    client().log_batch(run_id, metrics=[Metric(f"{r['stage']}.docs_out", float(r["docs_out"]), ts, 0)
+                                        for r in rows])
+
+
+def run_url(run_id: str) -> str:
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("http"):
+        return f"run {run_id} in {uri}"
+    exp = client().get_run(run_id).info.experiment_id
+    return f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
+
+
+def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    client().log_artifact(run_id, str(path), artifact_path)
+

@@ -1,0 +1,136 @@
+"""Start and stop a local Prefect server and MLflow tracking server on 127.0.0.1, both on SQLite.
+
+    python -m infra.services start     # prints the environment to use them
+    python -m infra.services status
+    python -m infra.services stop
+
+State (databases, artifacts, logs, pid files) lives in ``$SSL_PIPELINE_HOME`` (default ``.ssl``).
+The demo and the tests use the same functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Service:
+    name: str
+    port: int
+    home: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def health(self) -> str:
+        return f"{self.url}/api/health" if self.name == "prefect" else f"{self.url}/health"
+
+    @property
+    def env(self) -> dict[str, str]:
+        if self.name == "prefect":
+            return {"PREFECT_API_URL": f"{self.url}/api"}
+        return {"MLFLOW_TRACKING_URI": self.url}
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        data = self.home / self.name
+        data.mkdir(parents=True, exist_ok=True)
+        if self.name == "prefect":
+            env = {"PREFECT_HOME": str(data), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                   "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{data / 'prefect.db'}",
+                   "PREFECT_UI_API_URL": f"{self.url}/api", "PREFECT_SERVER_API_HOST": "127.0.0.1"}
+            return [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)], env
+        return [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+                "--backend-store-uri", f"sqlite:///{data / 'mlflow.db'}",
+                "--artifacts-destination", str(data / "artifacts")], {}
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.health, timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    @property
+    def pidfile(self) -> Path:
+        return self.home / f"{self.name}.pid"
+
+    def start(self, timeout: float = 120) -> "Service":
+        """Start the server in the background (unless one already answers) and wait until it is healthy."""
+        if self.healthy():
+            return self
+        cmd, extra = self.command()
+        log = open(self.home / f"{self.name}.log", "ab")
+        proc = subprocess.Popen(cmd, env={**os.environ, **extra}, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.home)
+        self.pidfile.write_text(str(proc.pid))
+        deadline = time.time() + timeout
+        while not self.healthy():
+            if proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                tail = (self.home / f"{self.name}.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{self.name} server did not start on {self.url}; log tail:\n{tail}")
+            time.sleep(0.5)
+        return self
+
+    def stop(self) -> None:
+        if not self.pidfile.exists():
+            return
+        pid = int(self.pidfile.read_text())
+        try:
+            os.killpg(pid, signal.SIGTERM)
+            for _ in range(50):
+                os.killpg(pid, 0)
+                time.sleep(0.2)
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.pidfile.unlink(missing_ok=True)
+
+
+def services(home: str | Path | None = None, prefect_port: int = 4200, mlflow_port: int = 5000) -> list[Service]:
+    home = Path(home or os.environ.get("SSL_PIPELINE_HOME", ".ssl")).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    return [Service("prefect", prefect_port, home), Service("mlflow", mlflow_port, home)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m infra.services", description=__doc__.split("\n\n")[0])
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("--home", default=None, help="state folder (default $SSL_PIPELINE_HOME or .ssl)")
+    p.add_argument("--prefect-port", type=int, default=int(os.environ.get("PREFECT_PORT", 4200)))
+    p.add_argument("--mlflow-port", type=int, default=int(os.environ.get("MLFLOW_PORT", 5000)))
+    a = p.parse_args(argv)
+    svcs = services(a.home, a.prefect_port, a.mlflow_port)
+    for s in svcs:
+        if a.action == "start":
+            s.start()
+        elif a.action == "stop":
+            s.stop()
+        state = "up" if s.healthy() else "down"
+        print(f"{s.name:8s} {state:5s} {s.url}   (state in {s.home / s.name}, log {s.home / (s.name + '.log')})")
+    if a.action == "start":
+        print("\nUse them with:\n" + "\n".join(f"  export {k}={v}" for s in svcs for k, v in s.env.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Parquet shards, manifests and atomic writes: the contract between stages.
+
+A stage writes its kept rows to ``<stage>/part-NNNNN.parquet`` and what it drops to
+``<stage>/dropped/part-NNNNN.parquet`` (each row with a ``reason``), inside a temporary
+folder that is renamed into place only once everything, ``_manifest.json`` last, is on
+disk. Stages pass the manifest (files, row counts, digests, counts by reason), never data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MANIFEST = "_manifest.json"
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success fsync it and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def read_manifest(stage_dir: str | os.PathLike) -> dict | None:
+    p = Path(stage_dir) / MANIFEST
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+class StageWriter:
+    """Write one stage's kept and dropped rows as Parquet shards, then publish atomically.
+
+    Use as a context manager; call :meth:`keep` / :meth:`drop` with row dicts. On a clean
+    exit the temporary folder becomes ``stage_dir`` with its manifest; on an error it is
+    removed and nothing half-written is left behind.
+    """
+
+    def __init__(self, stage: str, stage_dir: str | os.PathLike, schema: pa.Schema,
+                 dropped_schema: pa.Schema | None = None, shard_rows: int = 2000):
+        self.stage, self.final = stage, Path(stage_dir)
+        self.tmp = self.final.with_name(f".{self.final.name}.tmp-{os.getpid()}")
+        self.schemas = {"kept": schema,
+                        "dropped": dropped_schema or schema.append(pa.field("reason", pa.string()))}
+        self.shard_rows = shard_rows
+        self.buffers: dict[str, list[dict]] = {"kept": [], "dropped": []}
+        self.files: dict[str, list[dict]] = {"kept": [], "dropped": []}
+        self.reasons: Counter[str] = Counter()
+        self.extra: dict[str, Any] = {}
+
+    def __enter__(self) -> "StageWriter":
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        (self.tmp / "dropped").mkdir(parents=True)
+        return self
+
+    def keep(self, row: dict) -> None:
+        self._add("kept", row)
+
+    def drop(self, row: dict, reason: str) -> None:
+        self.reasons[reason] += 1
+        self._add("dropped", {**row, "reason": reason})
+
+    def _add(self, kind: str, row: dict) -> None:
+        self.buffers[kind].append(row)
+        if len(self.buffers[kind]) >= self.shard_rows:
+            self._flush(kind)
+
+    def _flush(self, kind: str) -> None:
+        rows = self.buffers[kind]
+        if not rows and self.files[kind]:
+            return
+        sub = "" if kind == "kept" else "dropped/"
+        rel = f"{sub}part-{len(self.files[kind]):05d}.parquet"
+        table = pa.Table.from_pylist(rows, schema=self.schemas[kind])
+        pq.write_table(table, self.tmp / rel, compression="zstd")
+        self.files[kind].append({"path": rel, "rows": len(rows), "bytes": (self.tmp / rel).stat().st_size,
+                                 "sha256": sha256_file(self.tmp / rel)})
+        self.buffers[kind] = []
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        for kind in ("kept", "dropped"):
+            self._flush(kind)
+        self.manifest = make_manifest(self.stage, self.final, self.files, self.reasons, self.extra)
+        write_json(self.tmp / MANIFEST, self.manifest)
+        publish_dir(self.tmp, self.final)
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Rename a finished temporary folder into place (replacing a stale, unfinished one)."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def make_manifest(stage: str, stage_dir: Path, files: dict[str, list[dict]],
+                  reasons: Counter | dict, extra: dict | None = None) -> dict:
+    kept = sum(f["rows"] for f in files["kept"])
+    dropped = sum(f["rows"] for f in files["dropped"])
+    digest = hashlib.sha256(
+        json.dumps([files["kept"], files["dropped"]], sort_keys=True).encode()).hexdigest()
+    return {"stage": stage, "dir": str(Path(stage_dir).resolve()), "files": files["kept"],
+            "dropped_files": files["dropped"], "rows": kept, "dropped": dropped,
+            "bytes": sum(f["bytes"] for f in files["kept"]),
+            "reasons": dict(sorted(reasons.items())), "digest": digest, **(extra or {})}
+
+
+def iter_rows(manifest: dict, columns: list[str] | None = None,
+              batch_size: int = 256) -> Iterator[dict]:
+    """Yield the kept rows of a stage, shard by shard, as dicts."""
+    for f in manifest["files"]:
+        pf = pq.ParquetFile(Path(manifest["dir"]) / f["path"])
+        for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
+            yield from batch.to_pylist()
+
+
+def read_table(manifest: dict, dropped: bool = False, columns: list[str] | None = None) -> pa.Table:
+    files = manifest["dropped_files" if dropped else "files"]
+    tables = [pq.read_table(Path(manifest["dir"]) / f["path"], columns=columns) for f in files]
+    return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def read_schema(manifest: dict) -> pa.Schema:
+    """Schema of a stage's kept rows (every stage writes at least one, maybe empty, shard)."""
+    return pq.read_schema(Path(manifest["dir"]) / manifest["files"][0]["path"])
+
+
+def with_fields(schema: pa.Schema, fields: Iterable[pa.Field]) -> pa.Schema:
+    for f in fields:
+        schema = schema.append(f)
+    return schema

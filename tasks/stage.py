@@ -1,0 +1,52 @@
+"""The one thin Prefect wrapper every stage shares.
+
+``@stage_task("filter")`` turns ``fn(ctx, section, inputs, run_id) -> manifest`` into a Prefect
+task that opens the stage's nested MLflow run, runs the stage, logs its counts and datasets,
+and persists the manifest. Its cache key is the flow run, the stage, its config section and
+its input digests: a retried flow run gets finished stages back as Cached and reruns only
+what failed (or what a changed config section or input invalidates).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+
+from flows import tracking
+
+
+def cache_key(context, parameters: dict) -> str:
+    ctx, section, inputs = parameters["ctx"], parameters["section"], parameters["inputs"]
+    key = {"flow_run": ctx["flow_run_id"], "stage": context.task.name, "section": section,
+           "inputs": [m["digest"] for m in inputs], "version": ctx.get("code_version", "")}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def stage_dir(ctx: dict, stage: str) -> Path:
+    return Path(ctx["run_dir"]) / stage
+
+
+def stage_task(name: str) -> Callable:
+    def decorate(fn: Callable) -> Callable:
+        @task(name=name, task_run_name=name, persist_result=True, cache_key_fn=cache_key,
+              description=fn.__doc__)
+        def run(ctx: dict, section: dict, inputs: list[dict]) -> dict:
+            run_id = tracking.start_stage_run(ctx["parent_run_id"], name, ctx["flow_run_id"])
+            try:
+                result = fn(ctx, section, inputs, run_id)
+                manifest, metrics = result if isinstance(result, tuple) else (result, {})
+                tracking.log_stage(run_id, name, manifest, inputs, metrics)
+            except BaseException:
+                tracking.end_run(run_id, ok=False)
+                raise
+            tracking.end_run(run_id, ok=True)
+            create_table_artifact(key=f"{name}-counts", description=f"{name}: documents kept and dropped",
+                                  table=tracking.funnel({name: manifest}))
+            return {**manifest, "mlflow_run_id": run_id}
+        return run
+    return decorate

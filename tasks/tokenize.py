@@ -1,0 +1,157 @@
+"""Stage 5, tokenize: train a byte-level BPE tokenizer locally and write flat token shards.
+
+Documents are split into train and validation by a hash of their doc_id (stable across
+runs). The tokenizer is trained on the train split only. Each split is written as flat
+little-endian token files (uint16 when the vocabulary fits, else uint32) with an end-of-text
+token after every document, plus a document index (doc_id -> shard, token range).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm.auto import tqdm
+
+from flows import tracking
+from flows.config import TokenizeConfig
+from tasks.shards import iter_rows, make_manifest, publish_dir, sha256_file, write_json
+from tasks.stage import stage_dir, stage_task
+
+EOT = "<|endoftext|>"
+SHARD_TOKENS = 100_000_000  # tokens per shard file
+
+
+def split_of(doc_id: str, val_fraction: float, seed: int) -> str:
+    h = int(hashlib.sha256(f"{seed}:{doc_id}".encode()).hexdigest()[:12], 16) / 16 ** 12
+    return "val" if h < val_fraction else "train"
+
+
+def train_tokenizer(texts, vocab_size: int, min_frequency: int, length: int | None = None) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOT],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=True)
+    tok.train_from_iterator(texts, trainer=trainer, length=length)
+    return tok
+
+
+class ShardWriter:
+    """Append token arrays to ``<split>-NNNNN.bin`` files, rolling over at ``SHARD_TOKENS``."""
+
+    def __init__(self, folder: Path, split: str, dtype: np.dtype):
+        self.folder, self.split, self.dtype = folder, split, dtype
+        self.shards: list[dict] = []
+        self.index: list[dict] = []
+        self.f = None
+
+    def add(self, doc_id: str, tokens: np.ndarray) -> None:
+        if self.f is None or self.shards[-1]["tokens"] >= SHARD_TOKENS:
+            self._open()
+        shard = self.shards[-1]
+        self.index.append({"doc_id": doc_id, "shard": shard["path"], "start": shard["tokens"],
+                           "end": shard["tokens"] + len(tokens)})
+        self.f.write(tokens.astype(self.dtype).astype(self.dtype.newbyteorder("<")).tobytes())
+        shard["tokens"] += len(tokens)
+
+    def _open(self) -> None:
+        self.close()
+        path = f"{self.split}-{len(self.shards):05d}.bin"
+        self.f = open(self.folder / path, "wb")
+        self.shards.append({"path": path, "tokens": 0})
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+            self.f = None
+
+    def finish(self) -> dict:
+        self.close()
+        if not self.shards:
+            self._open()
+            self.close()
+        for s in self.shards:
+            s["sha256"] = sha256_file(self.folder / s["path"])
+            s["bytes"] = (self.folder / s["path"]).stat().st_size
+        index = f"{self.split}.idx.parquet"
+        pq.write_table(pa.Table.from_pylist(self.index, schema=pa.schema(
+            [("doc_id", pa.string()), ("shard", pa.string()), ("start", pa.int64()), ("end", pa.int64())])),
+            self.folder / index)
+        return {"shards": self.shards, "index": index, "docs": len(self.index),
+                "tokens": sum(s["tokens"] for s in self.shards)}
+
+
+def tokenize(cfg, docs: dict, stage_dir: str | Path) -> dict:
+    """Run the tokenize stage over the dedup manifest ``docs``; returns its manifest."""
+    t0 = time.time()
+    final = Path(stage_dir)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        ids = [r["doc_id"] for r in iter_rows(docs, columns=["doc_id"])]
+        split = {d: split_of(d, cfg.val_fraction, cfg.seed) for d in ids}
+        if len(ids) >= 2 and "val" not in split.values():   # tiny corpora: hold out one document
+            split[min(ids)] = "val"
+        if len(ids) >= 2 and "train" not in split.values():
+            split[min(ids)] = "train"
+        n_train = sum(s == "train" for s in split.values())
+        train_texts = (r["text"] for r in iter_rows(docs, columns=["doc_id", "text"])
+                       if split[r["doc_id"]] == "train")
+        tok = train_tokenizer(train_texts, cfg.vocab_size, cfg.min_frequency, length=n_train)
+        tok.save(str(tmp / "tokenizer.json"))
+        vocab = tok.get_vocab_size()
+        eot = tok.token_to_id(EOT)
+        dtype = np.dtype(np.uint16 if vocab <= 2 ** 16 else np.uint32)
+        writers = {s: ShardWriter(tmp, s, dtype) for s in ("train", "val")}
+        batch: list[dict] = []
+
+        def flush() -> None:
+            for row, enc in zip(batch, tok.encode_batch([r["text"] for r in batch])):
+                writers[split[row["doc_id"]]].add(row["doc_id"], np.asarray(enc.ids + [eot], dtype=np.int64))
+            batch.clear()
+
+        for row in tqdm(iter_rows(docs, columns=["doc_id", "text"]), total=docs["rows"],
+                        desc="tokenize", unit="doc"):
+            batch.append(row)
+            if len(batch) >= 256:
+                flush()
+        flush()
+        splits = {s: w.finish() for s, w in writers.items()}
+        meta = {"dtype": dtype.name, "byteorder": "little", "vocab_size": vocab, "eot_id": eot,
+                "tokenizer": "tokenizer.json", "splits": splits}
+        write_json(tmp / "meta.json", meta)
+        files = [{"path": p, "rows": splits[s]["docs"] if p.endswith(".parquet") else 0,
+                  "bytes": (tmp / p).stat().st_size, "sha256": sha256_file(tmp / p)}
+                 for s in splits for p in [x["path"] for x in splits[s]["shards"]] + [splits[s]["index"]]]
+        files.append({"path": "tokenizer.json", "rows": 0, "bytes": (tmp / "tokenizer.json").stat().st_size,
+                      "sha256": sha256_file(tmp / "tokenizer.json")})
+        manifest = make_manifest("tokenize", final, {"kept": files, "dropped": []}, Counter(), {
+            "seconds": round(time.time() - t0, 3), "input_rows": docs["rows"], "vocab_size": vocab,
+            "dtype": dtype.name, "train_tokens": splits["train"]["tokens"], "val_tokens": splits["val"]["tokens"],
+            "train_docs": splits["train"]["docs"], "val_docs": splits["val"]["docs"]})
+        manifest["rows"] = len(ids)
+        write_json(tmp / "_manifest.json", manifest)
+        publish_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+@stage_task("tokenize")
+def tokenize_task(ctx: dict, section: dict, inputs: list[dict], run_id: str) -> tuple[dict, dict]:
+    manifest = tokenize(TokenizeConfig.model_validate(section), inputs[0], stage_dir(ctx, "tokenize"))
+    tracking.log_artifact(run_id, Path(manifest["dir"]) / "tokenizer.json")
+    return manifest, {k: float(manifest[k]) for k in ("train_tokens", "val_tokens", "train_docs", "val_docs",
+                                                      "vocab_size")}

@@ -1,0 +1,136 @@
+"""Stage 6, train: next-token pretraining of a GPT on the token shards, tracked in MLflow.
+
+The trainer (ssl_model) reports through a callback; here that callback batches the metrics
+into the stage's MLflow run while training runs and drives the progress bar. The final
+checkpoint is logged, and the model is logged as an MLflow pyfunc model (text in, per-text
+next-token loss out) and registered.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import torch
+from mlflow.entities import Metric
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+from tqdm.auto import tqdm
+
+from flows import tracking
+from flows.config import TrainConfig
+from ssl_model.checkpoint import load_model
+from ssl_model.model import GPTConfig
+from ssl_model.trainer import TrainSettings, train
+from tasks.shards import sha256_file
+from tasks.stage import stage_dir, stage_task
+
+MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
+
+
+class NextTokenScorer(mlflow.pyfunc.PythonModel):
+    """The trained model as MLflow serves it: a DataFrame with a ``text`` column in, per-text
+    mean next-token loss (nats) and token count out."""
+
+    def load_context(self, context) -> None:
+        from tokenizers import Tokenizer
+        self.model = load_model(context.artifacts["checkpoint"])
+        self.tokenizer = Tokenizer.from_file(context.artifacts["tokenizer"])
+
+    @torch.no_grad()
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        T = self.model.cfg.block_size
+        out = []
+        for text in model_input["text"]:
+            ids = torch.tensor(self.tokenizer.encode(text).ids, dtype=torch.long)
+            total, count = 0.0, 0
+            for i in range(0, max(len(ids) - 1, 0), T):
+                chunk = ids[i:i + T + 1]
+                if len(chunk) < 2:
+                    break
+                _, loss = self.model(chunk[None, :-1], chunk[None, 1:])
+                total, count = total + loss.item() * (len(chunk) - 1), count + len(chunk) - 1
+            out.append({"loss": total / count if count else float("nan"), "tokens": count})
+        return pd.DataFrame(out)
+
+
+SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", "text")]),
+                           outputs=Schema([ColSpec("double", "loss"), ColSpec("long", "tokens")]))
+
+
+class MlflowReporter:
+    """Trainer callback: metrics to MLflow in batches, a progress bar on the terminal."""
+
+    def __init__(self, run_id: str, total_steps: int, every: int = 25):
+        self.run_id, self.every, self.buffer = run_id, every, []
+        self.bar = tqdm(total=total_steps, desc="train", unit="step")
+        self.last: dict = {}
+
+    def __call__(self, kind: str, step: int, metrics: dict) -> None:
+        ts = int(time.time() * 1000)
+        if kind == "resume":
+            self.bar.update(step)
+            mlflow.tracking.MlflowClient().set_tag(self.run_id, "resumed_from", metrics["checkpoint"])
+            return
+        if kind == "checkpoint":
+            return
+        self.buffer += [Metric(k, float(v), ts, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+        self.last.update(metrics)
+        if kind == "train":
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", val=f"{self.last.get('val_loss', float('nan')):.3f}")
+        if kind == "eval" or len(self.buffer) >= self.every * 4:
+            self.flush()
+
+    def flush(self) -> None:
+        for i in range(0, len(self.buffer), 1000):
+            tracking.client().log_batch(self.run_id, metrics=self.buffer[i:i + 1000])
+        self.buffer = []
+
+    def close(self) -> None:
+        self.flush()
+        self.bar.close()
+
+
+def log_model(run_id: str, checkpoint: str, tokenizer: str, registered_name: str) -> str:
+    """Log the pyfunc model in ``run_id`` and register it; returns the registered model's URI."""
+    with mlflow.start_run(run_id=run_id, nested=True), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*input example.*")  # the signature says it all
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=NextTokenScorer(), signature=SIGNATURE,
+            artifacts={"checkpoint": checkpoint, "tokenizer": tokenizer},
+            pip_requirements=["ssl-pipeline", "torch==2.13.0", "tokenizers", "pandas"],
+            registered_model_name=registered_name)
+    return f"models:/{registered_name}/{info.registered_model_version}"
+
+
+@stage_task("train")
+def train_task(ctx: dict, section: dict, inputs: list[dict], run_id: str) -> tuple[dict, dict]:
+    cfg = TrainConfig.model_validate(section)
+    shards = inputs[0]
+    out = stage_dir(ctx, "train")
+    model_cfg = GPTConfig(vocab_size=shards["vocab_size"], **{k: getattr(cfg, k) for k in MODEL_FIELDS})
+    settings = TrainSettings(**{k: v for k, v in cfg.model_dump().items() if k not in MODEL_FIELDS})
+    reporter = MlflowReporter(run_id, cfg.max_steps)
+    t0 = time.time()
+    try:
+        result = train(model_cfg, settings, shards["dir"], out / "checkpoints", reporter)
+    finally:
+        reporter.close()
+    seconds = time.time() - t0
+    tokenizer = str(Path(shards["dir"]) / "tokenizer.json")
+    tracking.log_artifact(run_id, result["checkpoint"], "checkpoints")
+    tracking.log_artifact(run_id, tokenizer)
+    model_uri = log_model(run_id, result["checkpoint"], tokenizer, ctx["registered_model"])
+    tokens = cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.block_size
+    manifest = {**shards, "stage": "train", "dir": str(out), "dropped": 0, "reasons": {}, "seconds": seconds,
+                "checkpoint": result["checkpoint"], "model_uri": model_uri, "val_loss": result["val_loss"],
+                "ln_vocab": math.log(shards["vocab_size"]), "params": result["params"], "device": result["device"]}
+    manifest["digest"] = sha256_file(result["checkpoint"])
+    manifest["bytes"] = Path(result["checkpoint"]).stat().st_size
+    return manifest, {"final_val_loss": result["val_loss"], "ln_vocab_size": manifest["ln_vocab"],
+                      "params": float(result["params"]), "train_tokens_seen": float(tokens)}

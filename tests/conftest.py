@@ -1,0 +1,57 @@
+"""Shared fixtures: a real pydoc website on 127.0.0.1, and real Prefect and MLflow servers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from infra.services import free_port, services as make_services
+from tasks import pydoc_site
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# A small slice of the standard library's documentation: real prose and real code listings.
+TEST_MODULES = ("json csv argparse textwrap heapq bisect fractions statistics difflib shlex string calendar "
+                "base64 colorsys fnmatch glob getopt gettext queue sched secrets uuid wave zipfile tarfile "
+                "pprint reprlib numbers abc copy email.message http.client urllib.parse logging pathlib "
+                "dataclasses enum functools itertools contextlib").split()
+
+
+@pytest.fixture(scope="session")
+def site_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("pydoc") / "site"
+    pydoc_site.render_site(d, TEST_MODULES)
+    return d
+
+
+@pytest.fixture(scope="session")
+def site_url(site_dir) -> str:
+    with pydoc_site.serve(site_dir) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory) -> dict[str, str]:
+    """A Prefect server and an MLflow tracking server on 127.0.0.1 (SQLite), as the demo starts them."""
+    home = tmp_path_factory.mktemp("services")
+    svcs = make_services(home, free_port(), free_port())
+    try:
+        for s in svcs:
+            s.start()
+        yield {k: v for s in svcs for k, v in s.env.items()}
+    finally:
+        for s in svcs:
+            s.stop()
+
+
+def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the ``ssl-pipeline`` command as a user would, in its own process."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    full_env.update(env, PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONUNBUFFERED="1")
+    full_env.setdefault("PREFECT_HOME", str(cwd / ".prefect"))
+    return subprocess.run([str(BIN / "ssl-pipeline"), *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)

@@ -1,0 +1,246 @@
+"""Each stage on small real inputs: pydoc pages of the standard library, crawled over HTTP."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import math
+import threading
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from tokenizers import Tokenizer
+
+from flows.config import CollectConfig, DedupConfig, ExtractConfig, FilterConfig, TokenizeConfig, load_config
+from tasks.collect import collect
+from tasks.dedup import dedup, normalize
+from tasks.extract import extract
+from tasks.filter import build_filters, filter_docs, judge
+from tasks.shards import StageWriter, iter_rows, read_table
+from tasks.tokenize import tokenize
+from tests.conftest import TEST_MODULES
+
+DEMO = load_config(Path(__file__).resolve().parents[1] / "flows/profiles/demo.yaml")
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory, site_url):
+    """collect -> extract -> filter (demo profile) -> dedup -> tokenize over the test site."""
+    d = tmp_path_factory.mktemp("stages")
+    out = {"collect": collect(CollectConfig(), d / "collect", start_urls=[site_url])}
+    out["extract"] = extract(ExtractConfig(), out["collect"], d / "extract")
+    out["filter"] = filter_docs(DEMO.filter, out["extract"], d / "filter")
+    out["dedup"] = dedup(DedupConfig(), out["filter"], d / "dedup")
+    out["tokenize"] = tokenize(TokenizeConfig(vocab_size=1024), out["dedup"], d / "tokenize")
+    return out
+
+
+def test_collect_crawls_same_host_links_and_records_dead_ones(stages):
+    m = stages["collect"]
+    pages = read_table(m)
+    urls = set(pages["url"].to_pylist())
+    assert {f"{m}.html" for m in TEST_MODULES} <= {u.rsplit("/", 1)[1] for u in urls}
+    assert m["rows"] == len(urls) == len(TEST_MODULES) + 1  # the modules and the index page
+    assert set(pages["status"].to_pylist()) == {200}
+    for row in pages.slice(0, 3).to_pylist():
+        assert row["content_sha256"] == __import__("hashlib").sha256(row["html"].encode()).hexdigest()
+    # pydoc links to modules the site does not render: each is a dropped row, not a silent loss
+    dropped = read_table(m, dropped=True)
+    assert m["reasons"]["http_404"] == dropped.num_rows > 0
+    assert set(dropped["status"].to_pylist()) == {404}
+
+
+def test_collect_honours_robots_and_page_limit(tmp_path, site_dir):
+    (site_dir / "robots.txt").write_text("User-agent: *\nDisallow: /json.html\n")
+    try:
+        from tasks.pydoc_site import serve
+        with serve(site_dir) as url:
+            m = collect(CollectConfig(max_pages=15), tmp_path / "c", start_urls=[url, url + "json.html"])
+    finally:
+        (site_dir / "robots.txt").write_text("User-agent: *\nAllow: /\n")
+    dropped = read_table(m, dropped=True).to_pylist()
+    assert m["rows"] + m["dropped"] <= 15
+    assert any(r["reason"] == "robots" and r["url"].endswith("/json.html") for r in dropped)
+    assert not any(u.endswith("/json.html") for u in read_table(m)["url"].to_pylist())
+
+
+class Flapping(http.server.BaseHTTPRequestHandler):
+    """Serves a real page, but answers 503 to the first two requests for it."""
+    page = b""
+    hits = 0
+
+    def do_GET(self):
+        if self.path == "/robots.txt":
+            self.send_response(404), self.end_headers()
+            return
+        Flapping.hits += 1
+        code, body = (503, b"busy") if Flapping.hits <= 2 else (200, Flapping.page)
+        self.send_response(code)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_collect_retries_5xx_with_backoff(tmp_path, site_dir):
+    Flapping.page = (site_dir / "heapq.html").read_bytes()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flapping)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/page.html"
+        ok = collect(CollectConfig(retries=2, backoff_s=0.05), tmp_path / "ok", start_urls=[url])
+        Flapping.hits = 0
+        bad = collect(CollectConfig(retries=1, backoff_s=0.05), tmp_path / "bad", start_urls=[url])
+    finally:
+        server.shutdown()
+    assert url in read_table(ok)["url"].to_pylist() and "http_5xx" not in ok["reasons"]
+    assert bad["rows"] == 0 and bad["reasons"] == {"http_5xx": 1}
+
+
+def test_collect_unreachable_start_url_is_a_reason_not_a_crash(tmp_path):
+    from infra.services import free_port
+    m = collect(CollectConfig(retries=0), tmp_path / "c", start_urls=[f"http://127.0.0.1:{free_port()}/"])
+    assert m["rows"] == 0 and m["reasons"] == {"connect_error": 1}
+
+
+def test_collect_reads_local_folders(tmp_path, site_dir):
+    m = collect(CollectConfig(paths=[str(site_dir), str(tmp_path / "missing")]), tmp_path / "c")
+    assert m["rows"] == len(list(site_dir.glob("*.html"))) + len(list(site_dir.glob("*.txt")))
+    assert m["reasons"] == {"not_found": 1}
+    assert all(u.startswith("file://") for u in read_table(m)["url"].to_pylist())
+
+
+def test_extract_keeps_main_text_and_title(stages):
+    m = stages["extract"]
+    rows = {r["url"].rsplit("/", 1)[1]: r for r in iter_rows(m)}
+    assert "JSON (JavaScript Object Notation)" in " ".join(rows["json.html"]["text"].split())
+    assert "<" not in rows["textwrap.html"]["text"][:200]
+    assert rows["json.html"]["title"]
+    assert m["rows"] + m["dropped"] == stages["collect"]["rows"]
+
+
+def test_extract_drops_pages_without_main_text(tmp_path, stages):
+    # a real page cut down to its head: a title, no main text
+    page = next(iter_rows(stages["collect"]))
+    nav_only = page["html"].split("<body")[0] + "<body></body></html>"
+    with StageWriter("collect", tmp_path / "c", pq.read_schema(Path(stages["collect"]["dir"]) / "part-00000.parquet")) as w:
+        w.keep({**page, "html": nav_only, "doc_id": "nav"})
+        w.keep(page)
+    m = extract(ExtractConfig(), w.manifest, tmp_path / "e")
+    assert m["rows"] == 1 and m["reasons"] == {"no_main_text": 1}
+
+
+def test_filter_fineweb_defaults_drop_code_docs_with_reasons_and_scores(tmp_path, stages):
+    m = filter_docs(FilterConfig(), stages["extract"], tmp_path / "f")
+    kept, dropped = read_table(m), read_table(m, dropped=True)
+    assert m["dropped"] > m["rows"]  # documentation of code is not web prose (design.md §4)
+    assert all(r.startswith(("gopher_repetition:", "gopher_quality:")) for r in m["reasons"])
+    for col in ("gopher_quality.n_words", "gopher_quality.stop_words", "gopher_repetition.dup_5_gram_char_frac"):
+        assert col in kept.column_names and col in dropped.column_names
+    # the reason is the first failed rule, and the score columns show it
+    for row in dropped.to_pylist():
+        if row["reason"] == "gopher_quality:min_doc_words":
+            assert row["gopher_quality.n_words"] < 50
+        if row["reason"] == "gopher_repetition:dup_5_gram":
+            assert row["gopher_repetition.dup_5_gram_char_frac"] > 0.15
+
+
+def test_filter_thresholds_come_from_config(stages):
+    text = next(r["text"] for r in iter_rows(stages["extract"]) if r["url"].endswith("/json.html"))
+    strict = FilterConfig.model_validate({"gopher_quality": {"min_doc_words": 10 ** 6}})
+    loose = FilterConfig.model_validate({"gopher_repetition": {"enabled": False},
+                                         "gopher_quality": {"min_doc_words": 1, "min_alpha_words_ratio": 0}})
+    assert judge(text, build_filters(strict))[1] in ("gopher_quality:min_doc_words",) or \
+        judge(text, build_filters(strict))[1].startswith("gopher_repetition")
+    assert judge(text, build_filters(loose))[1] is None
+    # repeating a page's lines trips the duplicate-line rule
+    lines = text.splitlines()[:20]
+    assert judge("\n".join(lines * 3), build_filters(FilterConfig()))[1].startswith("gopher_repetition:dup_")
+
+
+def test_dedup_exact_and_near_duplicates_name_their_survivor(tmp_path, stages):
+    src = list(iter_rows(stages["filter"]))
+    base = max(src, key=lambda r: len(r["text"]))
+    words = base["text"].split()
+    near = " ".join(w for i, w in enumerate(words) if i % 50)                       # ~2% of words deleted
+    exact = base["text"].replace(" ", "  ")                                         # same after normalizing
+    schema = pq.read_schema(Path(stages["filter"]["dir"]) / "part-00000.parquet")
+    with StageWriter("filter", tmp_path / "f", schema) as w:
+        for r in src:
+            w.keep(r)
+        w.keep({**base, "doc_id": "zz-exact", "text": exact})
+        w.keep({**base, "doc_id": "zz-near", "text": near})
+    m = dedup(DedupConfig(), w.manifest, tmp_path / "d")
+    dropped = {r["doc_id"]: r for r in read_table(m, dropped=True).to_pylist()}
+    assert dropped["zz-exact"]["reason"] == "exact_duplicate"
+    assert dropped["zz-exact"]["duplicate_of"] == base["doc_id"]
+    assert dropped["zz-near"]["reason"] == "near_duplicate"
+    assert dropped["zz-near"]["duplicate_of"] == base["doc_id"]  # survivor: the longest, ties by doc_id
+    kept = {r["doc_id"]: r for r in read_table(m).to_pylist()}
+    assert kept[base["doc_id"]]["cluster_size"] >= 3
+    assert m["rows"] + m["dropped"] == len(src) + 2
+    assert m["minhash"]["bands"] * m["minhash"]["rows"] == m["minhash"]["num_perm"] == 112
+    # deterministic: a second run gives the same rows
+    again = dedup(DedupConfig(), w.manifest, tmp_path / "d2")
+    assert again["digest"] == m["digest"]
+
+
+def test_normalize_ignores_case_punctuation_and_spacing():
+    assert normalize("Hello,  World!\n") == normalize("hello world") == "hello world"
+
+
+def test_tokenize_writes_uint16_shards_with_a_document_index(stages):
+    m = stages["tokenize"]
+    folder = Path(m["dir"])
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == 1024
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    texts = {r["doc_id"]: r["text"] for r in iter_rows(stages["dedup"])}
+    index = pq.read_table(folder / "train.idx.parquet").to_pylist()
+    val_ids = set(pq.read_table(folder / "val.idx.parquet")["doc_id"].to_pylist())
+    assert val_ids and not val_ids & {r["doc_id"] for r in index}          # split by document
+    assert len(index) + len(val_ids) == len(texts)
+    tokens = np.fromfile(folder / index[0]["shard"], dtype="<u2")
+    assert len(tokens) == meta["splits"]["train"]["tokens"] == index[-1]["end"]
+    first = index[0]
+    ids = tokens[first["start"]:first["end"]].tolist()
+    assert ids[-1] == meta["eot_id"]
+    assert tok.decode(ids[:-1]) == texts[first["doc_id"]]  # byte-level BPE round-trips the text
+
+
+def test_stage_writer_leaves_nothing_half_written(tmp_path, stages):
+    schema = pq.read_schema(Path(stages["extract"]["dir"]) / "part-00000.parquet")
+    with pytest.raises(RuntimeError):
+        with StageWriter("extract", tmp_path / "x", schema, shard_rows=1) as w:
+            for row in iter_rows(stages["extract"]):
+                w.keep(row)
+            raise RuntimeError("killed mid-stage")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_training_lowers_validation_loss_below_ln_vocab_and_resumes(tmp_path, stages):
+    from ssl_model.checkpoint import latest_checkpoint, load_checkpoint
+    from ssl_model.model import GPTConfig
+    from ssl_model.trainer import TrainSettings, train
+    events = []
+    cfg = GPTConfig(vocab_size=1024, block_size=64, n_layer=2, n_head=2, n_embd=64)
+    s = TrainSettings(batch_size=8, max_steps=40, lr=3e-3, warmup_steps=5, eval_interval=20,
+                      checkpoint_interval=20, eval_batches=4, threads=2)
+    result = train(cfg, s, stages["tokenize"]["dir"], tmp_path / "ckpt", lambda *e: events.append(e))
+    evals = [m["val_loss"] for kind, _, m in events if kind == "eval"]
+    assert evals[0] > result["val_loss"] and result["val_loss"] < math.log(1024) - 1
+    assert [step for kind, step, _ in events if kind == "checkpoint"] == [20, 40]
+    assert {"loss", "lr", "tokens_per_s"} <= set(next(m for k, _, m in events if k == "train"))
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path / "ckpt"))  # weights_only load
+    assert ckpt["step"] == 40
+    # a longer run over the same folder resumes at step 40 instead of starting over
+    events.clear()
+    s.max_steps = 50
+    train(cfg, s, stages["tokenize"]["dir"], tmp_path / "ckpt", lambda *e: events.append(e))
+    assert events[0][:2] == ("resume", 40)
+    assert [step for kind, step, _ in events if kind == "train"] == list(range(41, 51))
