@@ -1,0 +1,70 @@
+"""Configuration: bad keys and types are refused before any work, naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+from flows.config import ConfigError, PipelineConfig, flatten, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_fineweb_values_and_every_field_is_described():
+    cfg = load_config()
+    assert cfg.filter.gopher_quality.min_doc_words == 50
+    assert cfg.filter.gopher_repetition.dup_n_grams[5] == 0.15
+    assert (cfg.dedup.num_perm, cfg.dedup.bands, cfg.dedup.rows) == (112, 14, 8)
+
+    def walk(model):
+        for name, field in type(model).model_fields.items():
+            assert field.description, f"{type(model).__name__}.{name} has no description"
+            value = getattr(model, name)
+            if hasattr(type(value), "model_fields"):
+                walk(value)
+    walk(cfg)
+
+
+def test_demo_profile_loads_and_loosens_only_what_it_says():
+    demo = load_config(ROOT / "flows/profiles/demo.yaml")
+    assert demo.filter.gopher_repetition.dup_n_grams[5] == 0.5
+    assert demo.filter.gopher_quality == PipelineConfig().filter.gopher_quality
+
+
+@pytest.mark.parametrize("text, key", [
+    ("train:\n  learning_rate: 0.1\n", "train.learning_rate: unknown key"),
+    ("train:\n  max_steps: many\n", "train.max_steps"),
+    ("colect: {}\n", "colect: unknown key"),
+    ("dedup:\n  bands: 10\n", "dedup"),
+])
+def test_bad_config_names_the_key(tmp_path, text, key):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert key in str(e.value)
+
+
+def test_overrides_parse_yaml_values_and_are_validated():
+    cfg = load_config(None, ["train.max_steps=7", "collect.start_urls=[http://127.0.0.1:1/]"])
+    assert cfg.train.max_steps == 7 and cfg.collect.start_urls == ["http://127.0.0.1:1/"]
+    with pytest.raises(ConfigError, match="train.nope: unknown key"):
+        load_config(None, ["train.nope=1"])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(None, ["train.max_steps"])
+
+
+def test_cli_refuses_bad_config_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--set", "train.lr=fast"]) == 2
+    err = capsys.readouterr().err
+    assert "train.lr" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_flatten_gives_one_param_per_leaf():
+    params = flatten(load_config())
+    assert params["train.max_steps"] == "1000"
+    assert params["filter.gopher_quality.min_doc_words"] == "50"

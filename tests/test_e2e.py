@@ -1,0 +1,168 @@
+"""End to end, as a user runs it: `ssl-pipeline run` against real Prefect and MLflow servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import httpx
+import mlflow
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import ROOT, TEST_MODULES, run_cli
+
+STAGES = ["collect", "extract", "filter", "dedup", "tokenize", "train"]
+SMALL_TRAIN = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64, "batch_size": 8, "max_steps": 60,
+               "lr": 3e-3, "warmup_steps": 5, "eval_interval": 20, "eval_batches": 4,
+               "checkpoint_interval": 30, "threads": 2}
+
+pytestmark = pytest.mark.e2e
+
+
+def write_config(path, experiment: str, model: str, **train) -> str:
+    """The shipped demo profile, on a smaller slice of the pydoc site and a tiny model."""
+    cfg = yaml.safe_load((ROOT / "flows/profiles/demo.yaml").read_text())
+    cfg["collect"]["pydoc_modules"] = list(TEST_MODULES)
+    cfg["tokenize"] = {"vocab_size": 1024}
+    cfg["train"] = {**SMALL_TRAIN, **train}
+    cfg["tracking"] = {"experiment": experiment, "registered_model": model}
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def flow_run_id(output: str) -> str:
+    return re.search(r"flow[- ]run[:/ ]+(?:.*/flow-run/)?([0-9a-f-]{36})", output).group(1)
+
+
+def stage_runs(client: MlflowClient, parent_id: str) -> list:
+    exp = client.get_run(parent_id).info.experiment_id
+    return client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def parent_runs(client: MlflowClient, experiment: str, fr_id: str) -> list:
+    exp = client.get_experiment_by_name(experiment).experiment_id
+    return client.search_runs([exp], f"tags.`prefect.flow_run_id` = '{fr_id}' and tags.`mlflow.parentRunId` IS NULL")
+
+
+def task_states(api_url: str, fr_id: str) -> dict[str, list[str]]:
+    """State names of every task run of a flow run, per task name, oldest first."""
+    runs = httpx.post(f"{api_url}/task_runs/filter", json={"flow_runs": {"id": {"any_": [fr_id]}}}).json()
+    out: dict[str, list[str]] = {}
+    for r in sorted(runs, key=lambda r: r["created"]):
+        out.setdefault(r["name"], []).append(r["state"]["name"])
+    return out
+
+
+def test_pipeline_end_to_end_is_tracked_and_the_registered_model_scores(tmp_path, servers):
+    config = write_config(tmp_path / "run.yaml", "e2e", "e2e-gpt")
+    proc = run_cli(["run", "--config", config], servers, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "Model:" in proc.stdout and "MLflow run:" in proc.stdout and "Prefect flow run:" in proc.stdout
+    fr_id = flow_run_id(proc.stdout)
+
+    client = MlflowClient(servers["MLFLOW_TRACKING_URI"])
+    parents = parent_runs(client, "e2e", fr_id)
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["train.max_steps"] == "60"
+    assert parent.data.params["filter.gopher_quality.min_doc_words"] == "50"
+    runs = {r.info.run_name: r for r in stage_runs(client, parent.info.run_id)}
+    assert sorted(runs) == sorted(STAGES)
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+
+    # counts per stage, chained: what one stage keeps is what the next one reads
+    for prev, stage in zip(STAGES[:4], STAGES[1:5]):
+        assert runs[stage].data.metrics["docs_in"] == runs[prev].data.metrics["docs_out"]
+    m = runs["collect"].data.metrics
+    assert m["docs_out"] == len(TEST_MODULES) + 1 and m["dropped.http_404"] > 0 and m["bytes_out"] > 0
+    f = runs["filter"].data.metrics
+    assert f["docs_out"] + sum(v for k, v in f.items() if k.startswith("dropped.")) == f["docs_in"]
+    assert "seconds" in f
+
+    # datasets: each stage logs its input and its output, with digests
+    for stage in STAGES:
+        inputs = runs[stage].inputs.dataset_inputs
+        contexts = {next(t.value for t in d.tags if t.key == "mlflow.data.context") for d in inputs}
+        assert "output" in contexts and (stage == "collect" or "input" in contexts)
+        for d in inputs:
+            assert 0 < len(d.dataset.digest) <= 36 and d.dataset.source
+    train_inputs = {d.dataset.name for d in runs["train"].inputs.dataset_inputs}
+    assert "tokenize" in train_inputs
+
+    # training metrics by step
+    history = client.get_metric_history(runs["train"].info.run_id, "loss")
+    assert [h.step for h in history] == list(range(1, 61))
+    for key in ("lr", "tokens_per_s", "val_loss"):
+        assert client.get_metric_history(runs["train"].info.run_id, key)
+    val = client.get_metric_history(runs["train"].info.run_id, "val_loss")
+    assert val[-1].value < val[0].value
+
+    # artifacts
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"config", "funnel.md", "funnel.json"}
+    assert "tokenizer.json" in {a.path for a in client.list_artifacts(runs["tokenize"].info.run_id)}
+    assert client.list_artifacts(runs["train"].info.run_id, "checkpoints")
+
+    # the registered model leads to the train run, loads, and scores validation text below ln(vocab)
+    version = client.get_model_version("e2e-gpt", "1")
+    assert version.run_id == runs["train"].info.run_id
+    mlflow.set_tracking_uri(servers["MLFLOW_TRACKING_URI"])
+    model = mlflow.pyfunc.load_model("models:/e2e-gpt/1")
+    tok_dir, dedup_dir = (json.loads(open(client.download_artifacts(
+        runs[s].info.run_id, "manifest.json", str(tmp_path / s))).read())["dir"] for s in ("tokenize", "dedup"))
+    val_ids = set(pq.read_table(f"{tok_dir}/val.idx.parquet")["doc_id"].to_pylist())
+    texts = [r["text"] for r in pq.read_table(dedup_dir).to_pylist() if r["doc_id"] in val_ids]
+    scores = model.predict(pd.DataFrame({"text": texts}))
+    mean_loss = (scores["loss"] * scores["tokens"]).sum() / scores["tokens"].sum()
+    assert mean_loss < math.log(1024) - 0.5
+
+    # Prefect: the funnel as a table artifact
+    arts = httpx.post(f"{servers['PREFECT_API_URL']}/artifacts/filter",
+                      json={"artifacts": {"key": {"any_": ["funnel"]}}}).json()
+    assert any(a["flow_run_id"] == fr_id and a["type"] == "table" for a in arts)
+
+
+def test_retry_after_a_failed_train_reuses_the_finished_stages(tmp_path, servers):
+    config = tmp_path / "run.yaml"
+    write_config(config, "retry", "retry-gpt", device="cuda:99")   # a mistake the user will fix
+    first = run_cli(["run", "--config", str(config)], servers, tmp_path)
+    assert first.returncode == 1
+    assert "cuda:99" in first.stderr and "ssl-pipeline retry" in first.stderr
+    fr_id = flow_run_id(first.stderr)
+    states = task_states(servers["PREFECT_API_URL"], fr_id)
+    assert states["train"] == ["Failed"] and states["tokenize"] == ["Completed"]
+
+    write_config(config, "retry", "retry-gpt", device="cpu")        # fixed; the flow reads it on retry
+    retry = run_cli(["retry", fr_id], servers, tmp_path)
+    assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-5000:]
+    states = task_states(servers["PREFECT_API_URL"], fr_id)
+    for stage in STAGES[:5]:
+        assert states[stage] == ["Completed", "Cached"], (stage, states)
+    assert states["train"] == ["Failed", "Completed"]
+    flow = httpx.get(f"{servers['PREFECT_API_URL']}/flow_runs/{fr_id}").json()
+    assert flow["state"]["type"] == "COMPLETED"
+
+    client = MlflowClient(servers["MLFLOW_TRACKING_URI"])
+    parents = parent_runs(client, "retry", fr_id)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"   # reused, not duplicated
+    names = sorted((r.info.run_name, r.info.status) for r in stage_runs(client, parents[0].info.run_id))
+    assert names == sorted([(s, "FINISHED") for s in STAGES] + [("train", "FAILED")])
+    assert parents[0].data.tags["ssl_pipeline.config_changed_on_retry"] == "train.device"
+
+
+def test_unreachable_start_url_stops_with_one_clear_message(tmp_path, servers):
+    # no PREFECT_API_URL: the flow runs on Prefect's temporary local server
+    from infra.services import free_port
+    url = f"http://127.0.0.1:{free_port()}/"
+    proc = run_cli(["run", "--set", f"collect.start_urls=[{url}]", "--set", "collect.retries=0",
+                    "--set", "tracking.experiment=bad-input"],
+                   {"MLFLOW_TRACKING_URI": servers["MLFLOW_TRACKING_URI"]}, tmp_path)
+    assert proc.returncode == 1
+    assert "collect: 0 documents left" in proc.stderr and "connect_error=1" in proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert list((tmp_path / "runs").glob("*/collect/dropped/part-00000.parquet"))  # what was written stays
