@@ -2,8 +2,8 @@
 
 The trainer (ssl_model) reports through a callback; here that callback batches the metrics
 into the stage's MLflow run while training runs and drives the progress bar. The final
-checkpoint is logged, and the model is logged as an MLflow pyfunc model (text in, per-text
-next-token loss out) and registered.
+checkpoint is logged, and the model is logged as an MLflow pyfunc model (tasks/scoring.py)
+and registered.
 """
 
 from __future__ import annotations
@@ -14,52 +14,18 @@ import warnings
 from pathlib import Path
 
 import mlflow
-import pandas as pd
-import torch
 from mlflow.entities import Metric
-from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, Schema
 from tqdm.auto import tqdm
 
 from flows import tracking
 from flows.config import TrainConfig
-from ssl_model.checkpoint import load_model
 from ssl_model.model import GPTConfig
 from ssl_model.trainer import TrainSettings, train
+from tasks import scoring
 from tasks.shards import sha256_file
 from tasks.stage import stage_dir, stage_task
 
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
-
-
-class NextTokenScorer(mlflow.pyfunc.PythonModel):
-    """The trained model as MLflow serves it: a DataFrame with a ``text`` column in, per-text
-    mean next-token loss (nats) and token count out."""
-
-    def load_context(self, context) -> None:
-        from tokenizers import Tokenizer
-        self.model = load_model(context.artifacts["checkpoint"])
-        self.tokenizer = Tokenizer.from_file(context.artifacts["tokenizer"])
-
-    @torch.no_grad()
-    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        T = self.model.cfg.block_size
-        out = []
-        for text in model_input["text"]:
-            ids = torch.tensor(self.tokenizer.encode(text).ids, dtype=torch.long)
-            total, count = 0.0, 0
-            for i in range(0, max(len(ids) - 1, 0), T):
-                chunk = ids[i:i + T + 1]
-                if len(chunk) < 2:
-                    break
-                _, loss = self.model(chunk[None, :-1], chunk[None, 1:])
-                total, count = total + loss.item() * (len(chunk) - 1), count + len(chunk) - 1
-            out.append({"loss": total / count if count else float("nan"), "tokens": count})
-        return pd.DataFrame(out)
-
-
-SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", "text")]),
-                           outputs=Schema([ColSpec("double", "loss"), ColSpec("long", "tokens")]))
 
 
 class MlflowReporter:
@@ -101,7 +67,7 @@ def log_model(run_id: str, checkpoint: str, tokenizer: str, registered_name: str
     with mlflow.start_run(run_id=run_id, nested=True), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*input example.*")  # the signature says it all
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=NextTokenScorer(), signature=SIGNATURE,
+            name="model", python_model=scoring.__file__, signature=scoring.SIGNATURE,
             artifacts={"checkpoint": checkpoint, "tokenizer": tokenizer},
             pip_requirements=["ssl-pipeline", "torch==2.13.0", "tokenizers", "pandas"],
             registered_model_name=registered_name)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import subprocess
 
 import httpx
 import mlflow
@@ -14,7 +16,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, TEST_MODULES, run_cli
+from tests.conftest import BIN, ROOT, TEST_MODULES, run_cli
 
 STAGES = ["collect", "extract", "filter", "dedup", "tokenize", "train"]
 SMALL_TRAIN = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64, "batch_size": 8, "max_steps": 60,
@@ -166,3 +168,16 @@ def test_unreachable_start_url_stops_with_one_clear_message(tmp_path, servers):
     assert "collect: 0 documents left" in proc.stderr and "connect_error=1" in proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     assert list((tmp_path / "runs").glob("*/collect/dropped/part-00000.parquet"))  # what was written stays
+
+
+def test_deployment_file_deploys_the_pipeline_on_a_cron_schedule(servers):
+    env = {**servers, "SSL_PIPELINE_DIR": str(ROOT)}
+    prefect = [str(BIN / "prefect"), "--no-prompt"]
+    for cmd in (["work-pool", "create", "ssl-pipeline", "--type", "process", "--overwrite"],
+                ["deploy", "--prefect-file", "deployments/prefect.yaml", "--all"]):
+        proc = subprocess.run(prefect + cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    dep = httpx.get(f"{servers['PREFECT_API_URL']}/deployments/name/ssl-pipeline/nightly").json()
+    assert dep["entrypoint"] == "flows/pipeline.py:pipeline" and dep["work_pool_name"] == "ssl-pipeline"
+    assert dep["parameters"]["config_path"] == "flows/profiles/demo.yaml"
+    assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 3 * * *"]

@@ -1,0 +1,51 @@
+"""The trained model as MLflow serves it, logged as a models-from-code pyfunc model.
+
+A DataFrame with a ``text`` column goes in; per-text mean next-token loss (nats) and the number
+of scored tokens come out. MLflow loads this file to rebuild the model (no pickled objects).
+"""
+
+from __future__ import annotations
+
+import mlflow
+import pandas as pd
+import torch
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+
+from ssl_model.checkpoint import load_model
+
+SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", "text")]),
+                           outputs=Schema([ColSpec("double", "loss"), ColSpec("long", "tokens")]))
+
+
+class NextTokenScorer(mlflow.pyfunc.PythonModel):
+    """The trained model as MLflow serves it: a DataFrame with a ``text`` column in, per-text
+    mean next-token loss (nats) and token count out."""
+
+    def load_context(self, context) -> None:
+        from tokenizers import Tokenizer
+        self.model = load_model(context.artifacts["checkpoint"])
+        self.tokenizer = Tokenizer.from_file(context.artifacts["tokenizer"])
+
+    @torch.no_grad()
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        T = self.model.cfg.block_size
+        out = []
+        for text in model_input["text"]:
+            ids = torch.tensor(self.tokenizer.encode(text).ids, dtype=torch.long)
+            total, count = 0.0, 0
+            for i in range(0, max(len(ids) - 1, 0), T):
+                chunk = ids[i:i + T + 1]
+                if len(chunk) < 2:
+                    break
+                _, loss = self.model(chunk[None, :-1], chunk[None, 1:])
+                total, count = total + loss.item() * (len(chunk) - 1), count + len(chunk) - 1
+            out.append({"loss": total / count if count else float("nan"), "tokens": count})
+        return pd.DataFrame(out)
+
+
+SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", "text")]),
+                           outputs=Schema([ColSpec("double", "loss"), ColSpec("long", "tokens")]))
+
+
+mlflow.models.set_model(NextTokenScorer())
