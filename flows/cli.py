@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from flows.config import ConfigError, PipelineConfig, load_config
+from flows.config import ConfigError, load_config
 
 PROFILES = Path(__file__).parent / "profiles"
 

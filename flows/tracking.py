@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import mlflow
+from mlflow.data.http_dataset_source import HTTPDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.data.sources import LocalArtifactDatasetSource
 from mlflow.entities import Metric, Param, RunStatus
@@ -85,17 +86,23 @@ def dataset(manifest: dict, name: str) -> MetaDataset:
 def stage_metrics(manifest: dict, inputs: list[dict]) -> dict[str, float]:
     m = {"docs_in": float(inputs[0]["rows"]) if inputs else float(manifest["rows"] + manifest["dropped"]),
          "docs_out": float(manifest["rows"]), "dropped": float(manifest["dropped"]),
+         "bytes_in": float(inputs[0]["bytes"]) if inputs else 0.0,
          "bytes_out": float(manifest["bytes"]), "seconds": float(manifest.get("seconds", 0.0))}
     m.update({f"dropped.{reason}": float(n) for reason, n in manifest["reasons"].items()})
     return m
 
 
 def log_stage(run_id: str, stage: str, manifest: dict, inputs: list[dict], metrics: dict | None = None) -> None:
-    """Counts, seconds and bytes as metrics; input and output datasets with mlflow.log_input."""
+    """Counts, seconds and bytes as metrics; input and output datasets with mlflow.log_input.
+
+    A manifest's ``sources`` (crawl start URLs, local folders) are logged as inputs too."""
     values = {**stage_metrics(manifest, inputs), **(metrics or {})}
     client().log_batch(run_id, metrics=[Metric(k, v, int(mlflow.utils.time.get_current_time_millis()), 0)
                                         for k, v in values.items()])
     with mlflow.start_run(run_id=run_id, nested=True):  # log_input needs an active run: only inside this block
+        for src in manifest.get("sources", []):
+            source = HTTPDatasetSource(src) if src.startswith("http") else LocalArtifactDatasetSource(src)
+            mlflow.log_input(MetaDataset(source, name=src), context="source")
         for m in inputs:
             mlflow.log_input(dataset(m, m["stage"]), context="input", tags={"sha256": m["digest"]})
         mlflow.log_input(dataset(manifest, stage), context="output", tags={"sha256": manifest["digest"]})

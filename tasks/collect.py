@@ -234,7 +234,8 @@ def collect(cfg, stage_dir: str | Path, start_urls: list[str] | None = None) -> 
             read_local(cfg.paths, w, cfg.max_pages)
         if urls:
             asyncio.run(Crawler(cfg, w).run(urls))
-        w.extra = {"seconds": round(time.time() - t0, 3)}
+        w.extra = {"seconds": round(time.time() - t0, 3),
+                   "sources": urls + [str(Path(p).resolve()) for p in cfg.paths]}
     return w.manifest
 
 

@@ -70,6 +70,20 @@ def read_manifest(stage_dir: str | os.PathLike) -> dict | None:
     return json.loads(p.read_text()) if p.exists() else None
 
 
+def file_entry(folder: Path, rel: str, rows: int) -> dict:
+    """A manifest's record of one written file."""
+    return {"path": rel, "rows": rows, "bytes": (folder / rel).stat().st_size, "sha256": sha256_file(folder / rel)}
+
+
+def fresh_tmp_dir(final: Path) -> Path:
+    """An empty temporary folder beside ``final``; leftovers of killed earlier attempts are removed."""
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True)
+    return tmp
+
+
 class StageWriter:
     """Write one stage's kept and dropped rows as Parquet shards, then publish atomically.
 
@@ -81,7 +95,6 @@ class StageWriter:
     def __init__(self, stage: str, stage_dir: str | os.PathLike, schema: pa.Schema,
                  dropped_schema: pa.Schema | None = None, shard_rows: int = 2000):
         self.stage, self.final = stage, Path(stage_dir)
-        self.tmp = self.final.with_name(f".{self.final.name}.tmp-{os.getpid()}")
         self.schemas = {"kept": schema,
                         "dropped": dropped_schema or schema.append(pa.field("reason", pa.string()))}
         self.shard_rows = shard_rows
@@ -91,8 +104,8 @@ class StageWriter:
         self.extra: dict[str, Any] = {}
 
     def __enter__(self) -> "StageWriter":
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        (self.tmp / "dropped").mkdir(parents=True)
+        self.tmp = fresh_tmp_dir(self.final)
+        (self.tmp / "dropped").mkdir()
         return self
 
     def keep(self, row: dict) -> None:
@@ -115,8 +128,7 @@ class StageWriter:
         rel = f"{sub}part-{len(self.files[kind]):05d}.parquet"
         table = pa.Table.from_pylist(rows, schema=self.schemas[kind])
         pq.write_table(table, self.tmp / rel, compression="zstd")
-        self.files[kind].append({"path": rel, "rows": len(rows), "bytes": (self.tmp / rel).stat().st_size,
-                                 "sha256": sha256_file(self.tmp / rel)})
+        self.files[kind].append(file_entry(self.tmp, rel, len(rows)))
         self.buffers[kind] = []
 
     def __exit__(self, exc_type, exc, tb) -> None:

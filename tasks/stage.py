@@ -4,12 +4,13 @@
 task that opens the stage's nested MLflow run, runs the stage, logs its counts and datasets,
 and persists the manifest. Its cache key is the flow run, the stage, its config section and
 its input digests: a retried flow run gets finished stages back as Cached and reruns only
-what failed (or what a changed config section or input invalidates).
+what failed (or what a changed config section, input or stage code invalidates).
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from pathlib import Path
 from typing import Callable
@@ -18,12 +19,14 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from flows import tracking
+from tasks.shards import sha256_file
 
 
-def cache_key(context, parameters: dict) -> str:
+def cache_key(stage: str, code: str, parameters: dict) -> str:
+    """Same flow run, stage code, config section and inputs: the stage's earlier result is reused."""
     ctx, section, inputs = parameters["ctx"], parameters["section"], parameters["inputs"]
-    key = {"flow_run": ctx["flow_run_id"], "stage": context.task.name, "section": section,
-           "inputs": [m["digest"] for m in inputs], "version": ctx.get("code_version", "")}
+    key = {"flow_run": ctx["flow_run_id"], "stage": stage, "code": code, "section": section,
+           "inputs": [m["digest"] for m in inputs]}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -33,8 +36,10 @@ def stage_dir(ctx: dict, stage: str) -> Path:
 
 def stage_task(name: str) -> Callable:
     def decorate(fn: Callable) -> Callable:
-        @task(name=name, task_run_name=name, persist_result=True, cache_key_fn=cache_key,
-              description=fn.__doc__)
+        code = sha256_file(inspect.getfile(fn))  # the stage module's source: editing it invalidates
+
+        @task(name=name, task_run_name=name, persist_result=True, description=fn.__doc__,
+              cache_key_fn=lambda context, parameters: cache_key(name, code, parameters))
         def run(ctx: dict, section: dict, inputs: list[dict]) -> dict:
             run_id = tracking.start_stage_run(ctx["parent_run_id"], name, ctx["flow_run_id"])
             try:

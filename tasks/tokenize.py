@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from flows import tracking
 from flows.config import TokenizeConfig
-from tasks.shards import iter_rows, make_manifest, publish_dir, sha256_file, write_json
+from tasks.shards import file_entry, fresh_tmp_dir, iter_rows, make_manifest, publish_dir, write_json
 from tasks.stage import stage_dir, stage_task
 
 EOT = "<|endoftext|>"
@@ -82,8 +82,8 @@ class ShardWriter:
             self._open()
             self.close()
         for s in self.shards:
-            s["sha256"] = sha256_file(self.folder / s["path"])
-            s["bytes"] = (self.folder / s["path"]).stat().st_size
+            s.update(file_entry(self.folder, s["path"], 0), tokens=s["tokens"])
+            del s["rows"]
         index = f"{self.split}.idx.parquet"
         pq.write_table(pa.Table.from_pylist(self.index, schema=pa.schema(
             [("doc_id", pa.string()), ("shard", pa.string()), ("start", pa.int64()), ("end", pa.int64())])),
@@ -96,9 +96,7 @@ def tokenize(cfg, docs: dict, stage_dir: str | Path) -> dict:
     """Run the tokenize stage over the dedup manifest ``docs``; returns its manifest."""
     t0 = time.time()
     final = Path(stage_dir)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = fresh_tmp_dir(final)
     try:
         ids = [r["doc_id"] for r in iter_rows(docs, columns=["doc_id"])]
         split = {d: split_of(d, cfg.val_fraction, cfg.seed) for d in ids}
@@ -132,11 +130,9 @@ def tokenize(cfg, docs: dict, stage_dir: str | Path) -> dict:
         meta = {"dtype": dtype.name, "byteorder": "little", "vocab_size": vocab, "eot_id": eot,
                 "tokenizer": "tokenizer.json", "splits": splits}
         write_json(tmp / "meta.json", meta)
-        files = [{"path": p, "rows": splits[s]["docs"] if p.endswith(".parquet") else 0,
-                  "bytes": (tmp / p).stat().st_size, "sha256": sha256_file(tmp / p)}
+        files = [file_entry(tmp, p, splits[s]["docs"] if p.endswith(".parquet") else 0)
                  for s in splits for p in [x["path"] for x in splits[s]["shards"]] + [splits[s]["index"]]]
-        files.append({"path": "tokenizer.json", "rows": 0, "bytes": (tmp / "tokenizer.json").stat().st_size,
-                      "sha256": sha256_file(tmp / "tokenizer.json")})
+        files.append(file_entry(tmp, "tokenizer.json", 0))
         manifest = make_manifest("tokenize", final, {"kept": files, "dropped": []}, Counter(), {
             "seconds": round(time.time() - t0, 3), "input_rows": docs["rows"], "vocab_size": vocab,
             "dtype": dtype.name, "train_tokens": splits["train"]["tokens"], "val_tokens": splits["val"]["tokens"],

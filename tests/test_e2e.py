@@ -94,6 +94,9 @@ def test_pipeline_end_to_end_is_tracked_and_the_registered_model_scores(tmp_path
         assert "output" in contexts and (stage == "collect" or "input" in contexts)
         for d in inputs:
             assert 0 < len(d.dataset.digest) <= 36 and d.dataset.source
+    sources = [d.dataset for d in runs["collect"].inputs.dataset_inputs
+               if any(t.value == "source" for t in d.tags)]
+    assert len(sources) == 1 and sources[0].name.startswith("http://127.0.0.1:")   # the crawled site
     train_inputs = {d.dataset.name for d in runs["train"].inputs.dataset_inputs}
     assert "tokenize" in train_inputs
 

@@ -221,6 +221,12 @@ def test_stage_writer_leaves_nothing_half_written(tmp_path, stages):
                 w.keep(row)
             raise RuntimeError("killed mid-stage")
     assert list(tmp_path.iterdir()) == []
+    # a stage killed outright (SIGKILL) leaves only its temporary folder; the next attempt clears it
+    (tmp_path / ".x.tmp-999999").mkdir()
+    with StageWriter("extract", tmp_path / "x", schema) as w:
+        w.keep(next(iter_rows(stages["extract"])))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+    assert w.manifest["rows"] == 1 and (tmp_path / "x" / "_manifest.json").exists()
 
 
 def test_training_lowers_validation_loss_below_ln_vocab_and_resumes(tmp_path, stages):
