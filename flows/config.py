@@ -10,9 +10,10 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -38,12 +39,23 @@ class CollectConfig(Section):
     user_agent: str = Field("ssl-pipeline/0.1", description="User-Agent header sent with every request.")
     max_bytes: int = Field(10_000_000, ge=1024, description="Larger responses are dropped as too_large.")
 
+    @field_validator("start_urls")
+    @classmethod
+    def _http_urls(cls, urls: list[str]) -> list[str]:
+        for u in urls:
+            parts = urlsplit(u)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError(f"{u!r} is not an http(s) URL with a host")
+        return urls
+
 
 class ExtractConfig(Section):
     favor_precision: bool = Field(False, description="trafilatura: prefer less text but less noise.")
     favor_recall: bool = Field(False, description="trafilatura: prefer more text even if noisier.")
     include_tables: bool = Field(True, description="trafilatura: keep text found in tables.")
     include_comments: bool = Field(False, description="trafilatura: keep comment sections.")
+    processes: int | None = Field(None, ge=1, description="Extraction worker processes (null: one per CPU core).")
+    timeout_s: float = Field(30.0, gt=0, description="Time limit per page; slower pages are dropped as extract_timeout.")
 
 
 class GopherRepetitionConfig(Section):

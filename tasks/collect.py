@@ -88,7 +88,6 @@ class Crawler:
         self.robots: dict[str, asyncio.Future] = {}
         self.seen: set[str] = set()
         self.queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
-        self.started = 0
 
     async def run(self, start_urls: list[str]) -> None:
         hosts = {urlsplit(u).netloc for u in start_urls}

@@ -38,6 +38,7 @@ def test_demo_profile_loads_and_loosens_only_what_it_says():
     ("train:\n  max_steps: many\n", "train.max_steps"),
     ("colect: {}\n", "colect: unknown key"),
     ("dedup:\n  bands: 10\n", "dedup"),
+    ("collect:\n  start_urls: [example.org]\n", "collect.start_urls: Value error, 'example.org' is not an http(s) URL"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, key):
     p = tmp_path / "c.yaml"

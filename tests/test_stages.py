@@ -250,3 +250,18 @@ def test_training_lowers_validation_loss_below_ln_vocab_and_resumes(tmp_path, st
     train(cfg, s, stages["tokenize"]["dir"], tmp_path / "ckpt", lambda *e: events.append(e))
     assert events[0][:2] == ("resume", 40)
     assert [step for kind, step, _ in events if kind == "train"] == list(range(41, 51))
+
+
+def test_extract_in_parallel_processes_gives_the_same_rows(tmp_path, stages):
+    one = extract(ExtractConfig(processes=1), stages["collect"], tmp_path / "one")
+    assert one["digest"] == stages["extract"]["digest"] == \
+        extract(ExtractConfig(processes=2), stages["collect"], tmp_path / "two")["digest"]
+    assert {"hostname", "language", "date"} <= set(read_table(one).column_names)
+
+
+def test_extract_time_limit_drops_slow_pages_instead_of_stalling(tmp_path, stages):
+    # the largest real pages take longer than 1 ms to extract: each one is cut off and recorded
+    m = extract(ExtractConfig(timeout_s=0.001, processes=2), stages["collect"], tmp_path / "e")
+    assert m["reasons"].get("extract_timeout", 0) > 0
+    assert m["rows"] + m["dropped"] == stages["collect"]["rows"]
+    assert set(m["reasons"]) <= {"extract_timeout", "no_main_text"}
