@@ -24,22 +24,44 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class TableSource(Section):
+    path: str = Field(description="Parquet or JSON Lines file (local, http(s) or s3 URL).")
+    text_column: str = Field("text", description="Column holding the document text.")
+    url_column: str | None = Field("url", description="Column holding the document URL, if any.")
+
+
 class CollectConfig(Section):
     start_urls: list[str] = Field([], description="Crawl these URLs and the same-host pages they link to.")
+    url_lists: list[str] = Field([], description="Text (one URL a line) or CSV (a 'url' column) files of URLs to fetch.")
+    sitemaps: list[str] = Field([], description="sitemap.xml URLs (indexes followed); their pages are fetched.")
+    warc_files: list[str] = Field([], description="WARC or WET files, gzipped or not: local paths or http(s)/s3 URLs.")
+    tables: list[TableSource] = Field([], description="Parquet or JSON Lines files with a text column.")
     paths: list[str] = Field([], description="Local .html/.htm/.txt files or folders of them, read as pages.")
     pydoc_modules: list[str] | None = Field(
         None, description="Standard-library modules rendered as the embedded pydoc site, crawled when no "
-                          "start_urls or paths are given; null means the curated default list.")
-    max_pages: int = Field(500, ge=1, description="Stop the crawl after this many fetched pages.")
-    concurrency: int = Field(8, ge=1, le=256, description="Requests in flight at once.")
-    timeout_s: float = Field(15.0, gt=0, description="Timeout of one HTTP request, seconds.")
+                          "other source is given; null means the curated default list.")
+    max_pages: int = Field(500, ge=1, description="Stop fetching after this many pages (crawl, URL lists, sitemaps).")
+    concurrency: int = Field(8, ge=1, le=256, description="Requests in flight at once, all hosts together.")
+    per_host_concurrency: int = Field(4, ge=1, description="Requests in flight at once to one host.")
+    per_host_rps: float = Field(20.0, gt=0, description="Most requests started per second to one host "
+                                                          "(robots.txt Crawl-delay slows it further).")
+    connect_timeout_s: float = Field(5.0, gt=0, description="Time limit to connect.")
+    read_timeout_s: float = Field(10.0, gt=0, description="Time limit between two reads of a response.")
+    timeout_s: float = Field(30.0, gt=0, description="Time limit of a whole request, body included (slow drips).")
     retries: int = Field(2, ge=0, le=10, description="Retries after a timeout, connection error, 429 or 5xx.")
     backoff_s: float = Field(0.5, ge=0, description="First retry waits this long; each next one twice as long.")
-    respect_robots: bool = Field(True, description="Honour robots.txt of every crawled host.")
+    max_retry_after_s: float = Field(60.0, ge=0, description="Longest Retry-After honoured; longer ones give up.")
+    max_redirects: int = Field(5, ge=0, description="Redirects followed per request.")
+    respect_robots: bool = Field(True, description="Honour robots.txt (Disallow and Crawl-delay) of every host.")
     user_agent: str = Field("ssl-pipeline/0.1", description="User-Agent header sent with every request.")
-    max_bytes: int = Field(10_000_000, ge=1024, description="Larger responses are dropped as too_large.")
+    max_bytes: int = Field(10_000_000, ge=1024, description="Responses larger than this, on the wire or "
+                                                             "decompressed, are dropped as too_large.")
+    content_types: list[str] = Field(["text/html", "application/xhtml+xml", "text/plain"],
+                                     description="Media types collected; others are dropped as not_html.")
+    allow_private: list[str] = Field([], description="Networks (CIDR) or hosts the crawler may reach although "
+                                                      "private, loopback, link-local or reserved.")
 
-    @field_validator("start_urls")
+    @field_validator("start_urls", "sitemaps")
     @classmethod
     def _http_urls(cls, urls: list[str]) -> list[str]:
         for u in urls:
@@ -47,6 +69,10 @@ class CollectConfig(Section):
             if parts.scheme not in ("http", "https") or not parts.netloc:
                 raise ValueError(f"{u!r} is not an http(s) URL with a host")
         return urls
+
+    def has_sources(self) -> bool:
+        return bool(self.start_urls or self.url_lists or self.sitemaps or self.warc_files or self.tables
+                    or self.paths)
 
 
 class ExtractConfig(Section):

@@ -1,17 +1,30 @@
-"""Stage 1, collect: crawl websites over HTTP and read local files into raw-page shards.
+"""Stage 1, collect: crawl sites, fetch URL lists and sitemaps, read WARC/WET files, tables and
+local folders into raw-page shards.
 
-One kept row per page (url, fetched_at, status, content type, sha256 of the body, the raw
-HTML); every page not collected is a dropped row with a short reason code
-(connect_error, timeout, http_404, http_5xx, robots, not_html, too_large, redirect_loop, ...).
+One kept row per page (source, url, fetched_at, status, content type, sha256 of the body, the
+raw HTML or text); every page not collected is a dropped row with a short reason code
+(connect_error, timeout, http_404, http_5xx, http_429, robots, not_html, too_large,
+redirect_loop, too_many_redirects, blocked_address, empty_body, decode_error, warc_damaged, ...).
+
+The crawler is polite and defensive: robots.txt (Disallow and Crawl-delay), per-host
+concurrency and rate limits, retries with exponential backoff honouring Retry-After, connect,
+read and whole-request time limits, redirects followed one hop at a time, a size cap on the
+wire and after decompression, and no private, loopback, link-local or reserved address
+(checked after DNS resolution, on every hop) unless allowlisted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import hashlib
+import ipaddress
 import logging
+import socket
 import time
 import urllib.robotparser
+import zlib
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urldefrag, urljoin, urlsplit
@@ -22,7 +35,7 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from flows.config import CollectConfig
-from tasks import pydoc_site
+from tasks import pydoc_site, readers
 from tasks.shards import StageWriter
 from tasks.stage import stage_dir, stage_task
 
@@ -31,14 +44,16 @@ log = logging.getLogger(__name__)
 PAGE_SCHEMA = pa.schema([
     ("doc_id", pa.string()), ("source", pa.string()), ("url", pa.string()),
     ("fetched_at", pa.timestamp("us", tz="UTC")), ("status", pa.int32()),
-    ("content_type", pa.string()), ("content_sha256", pa.string()), ("html", pa.string()),
+    ("content_type", pa.string()), ("content_sha256", pa.string()), ("record_id", pa.string()),
+    ("html", pa.string()),
 ])
 DROPPED_SCHEMA = pa.schema([
     ("source", pa.string()), ("url", pa.string()), ("fetched_at", pa.timestamp("us", tz="UTC")),
-    ("status", pa.int32()), ("content_type", pa.string()), ("error", pa.string()), ("reason", pa.string()),
+    ("status", pa.int32()), ("content_type", pa.string()), ("record_id", pa.string()),
+    ("error", pa.string()), ("reason", pa.string()),
 ])
-TEXT_TYPES = ("text/html", "application/xhtml+xml", "text/plain")
 LOCAL_SUFFIXES = {".html": "text/html", ".htm": "text/html", ".txt": "text/plain"}
+REDIRECTS = {301, 302, 303, 307, 308}
 
 
 def doc_id(source: str, url: str, content_sha256: str) -> str:
@@ -50,15 +65,17 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _page_row(source: str, url: str, status: int, ctype: str, body: str) -> dict:
+def page_row(source: str, url: str, status: int | None, ctype: str, body: str,
+             fetched_at: datetime | None = None, record_id: str | None = None) -> dict:
     sha = hashlib.sha256(body.encode("utf-8", "surrogatepass")).hexdigest()
-    return {"doc_id": doc_id(source, url, sha), "source": source, "url": url, "fetched_at": _now(),
-            "status": status, "content_type": ctype, "content_sha256": sha, "html": body}
+    return {"doc_id": doc_id(source, url, sha), "source": source, "url": url, "fetched_at": fetched_at or _now(),
+            "status": status, "content_type": ctype, "content_sha256": sha, "record_id": record_id, "html": body}
 
 
-def _drop_row(source: str, url: str, error: str = "", status: int | None = None, ctype: str | None = None) -> dict:
-    return {"source": source, "url": url, "fetched_at": _now(), "status": status,
-            "content_type": ctype, "error": error[:500]}
+def drop_row(source: str, url: str, error: str = "", status: int | None = None, ctype: str | None = None,
+             fetched_at: datetime | None = None, record_id: str | None = None) -> dict:
+    return {"source": source, "url": url, "fetched_at": fetched_at or _now(), "status": status,
+            "content_type": ctype, "record_id": record_id, "error": error[:500]}
 
 
 def normalize_url(url: str) -> str:
@@ -80,161 +97,336 @@ def same_site_links(html: str, base_url: str, hosts: set[str]) -> list[str]:
     return out
 
 
+class Refused(Exception):
+    """A fetch that ends with a reason code rather than a page."""
+
+    def __init__(self, reason: str, error: str = "", status: int | None = None, ctype: str | None = None,
+                 retry_after: float | None = None):
+        super().__init__(error)
+        self.reason, self.error, self.status, self.ctype, self.retry_after = reason, error, status, ctype, retry_after
+
+
+class AddressGuard:
+    """Refuses hosts that resolve to a non-global address (private, loopback, link-local incl. cloud
+    metadata, reserved, multicast), unless a network or host name is allowlisted."""
+
+    def __init__(self, allow: list[str]):
+        self.hosts, self.networks = set(), []
+        for item in allow:
+            try:
+                self.networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                self.hosts.add(item.lower())
+
+    async def check(self, host: str) -> None:
+        if host.lower() in self.hosts:
+            return
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except socket.gaierror as e:
+            raise Refused("dns_error", f"{host}: {e}") from None
+        for *_, sockaddr in infos:
+            ip = ipaddress.ip_address(sockaddr[0].split("%")[0])
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+                ip = ip.ipv4_mapped
+            if not ip.is_global and not any(ip in net for net in self.networks):
+                raise Refused("blocked_address", f"{host} resolves to {ip}, a non-public address")
+
+
+class HostGate:
+    """Per-host concurrency and a minimum interval between request starts."""
+
+    def __init__(self, concurrency: int, interval: float):
+        self.sem, self.interval, self.next_start = asyncio.Semaphore(concurrency), interval, 0.0
+
+    async def __aenter__(self) -> None:
+        await self.sem.acquire()
+        now = time.monotonic()
+        start = max(now, self.next_start)
+        self.next_start = start + self.interval
+        if start > now:
+            await asyncio.sleep(start - now)
+
+    async def __aexit__(self, *exc) -> None:
+        self.sem.release()
+
+
+@dataclass
+class Fetched:
+    url: str
+    status: int
+    ctype: str
+    charset: str | None
+    body: bytes
+    location: str | None = None
+    retry_after: float | None = None
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value)
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
 class Crawler:
-    """A small polite crawler: same-host links, robots.txt, retries with backoff, a page limit."""
-
-    def __init__(self, cfg, writer: StageWriter):
+    def __init__(self, cfg: CollectConfig, writer: StageWriter):
         self.cfg, self.writer = cfg, writer
+        self.guard = AddressGuard(cfg.allow_private)
         self.robots: dict[str, asyncio.Future] = {}
+        self.gates: dict[str, HostGate] = {}
         self.seen: set[str] = set()
-        self.queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[str, str, bool]] = asyncio.Queue()
+        self.hosts: set[str] = set()
 
-    async def run(self, start_urls: list[str]) -> None:
-        hosts = {urlsplit(u).netloc for u in start_urls}
-        limits = httpx.Limits(max_connections=self.cfg.concurrency)
-        timeout = httpx.Timeout(self.cfg.timeout_s)
-        async with httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=True, max_redirects=5,
-                                     headers={"User-Agent": self.cfg.user_agent}) as client:
-            self.client, self.hosts = client, hosts
-            for url in start_urls:
-                self._enqueue(normalize_url(url), source=f"crawl:{url}")
+    async def run(self, seeds: list[tuple[str, str, bool]], sitemaps: list[str]) -> None:
+        """Fetch ``(url, source, follow_links)`` seeds and the pages of ``sitemaps``."""
+        self.hosts = {urlsplit(u).netloc for u, _, follow in seeds if follow}
+        timeout = httpx.Timeout(connect=self.cfg.connect_timeout_s, read=self.cfg.read_timeout_s,
+                                write=self.cfg.read_timeout_s, pool=None)
+        headers = {"User-Agent": self.cfg.user_agent, "Accept-Encoding": "gzip, deflate"}
+        async with httpx.AsyncClient(timeout=timeout, headers=headers, follow_redirects=False,
+                                     limits=httpx.Limits(max_connections=self.cfg.concurrency)) as self.client:
             with tqdm(total=self.cfg.max_pages, desc="collect", unit="page") as self.bar:
+                for url, source, follow in seeds:
+                    self._enqueue(normalize_url(url), source, follow)
+                for sitemap in sitemaps:
+                    await self._sitemap(sitemap, f"sitemap:{sitemap}", depth=0)
                 workers = [asyncio.create_task(self._worker()) for _ in range(self.cfg.concurrency)]
                 await self.queue.join()
                 for w in workers:
                     w.cancel()
                 await asyncio.gather(*workers, return_exceptions=True)
 
-    def _enqueue(self, url: str, source: str) -> None:
+    def _enqueue(self, url: str, source: str, follow: bool) -> None:
         if url not in self.seen and len(self.seen) < self.cfg.max_pages:
             self.seen.add(url)
-            self.queue.put_nowait((url, source))
+            self.queue.put_nowait((url, source, follow))
+
+    async def _sitemap(self, url: str, source: str, depth: int) -> None:
+        try:
+            fetched = await self._fetch(url)
+            pages, children = readers.parse_sitemap(fetched.body)
+        except Refused as e:
+            self.writer.drop(drop_row(source, url, e.error, e.status, e.ctype), f"sitemap_{e.reason}")
+            return
+        except Exception as e:  # not XML, or not a sitemap
+            self.writer.drop(drop_row(source, url, repr(e)), "sitemap_invalid")
+            return
+        for page in pages:
+            self._enqueue(normalize_url(page), source, False)
+        for child in children[:1000] if depth < 3 else []:
+            await self._sitemap(child, source, depth + 1)
 
     async def _worker(self) -> None:
         while True:
-            url, source = await self.queue.get()
+            url, source, follow = await self.queue.get()
             try:
-                await self._visit(url, source)
+                await self._visit(url, source, follow)
+            except Refused as e:
+                self.writer.drop(drop_row(source, url, e.error, e.status, e.ctype), e.reason)
             except Exception as e:  # one bad page must never stop the crawl
                 log.exception("collect: unexpected error on %s", url)
-                self.writer.drop(_drop_row(source, url, repr(e)), "fetch_error")
+                self.writer.drop(drop_row(source, url, repr(e)), "fetch_error")
             finally:
                 self.bar.update(1)
                 self.queue.task_done()
+
+    async def _visit(self, url: str, source: str, follow: bool) -> None:
+        if not await self._allowed(url):
+            raise Refused("robots", "disallowed by robots.txt")
+        f = await self._fetch(url)
+        if f.status != 200:
+            reason = "http_5xx" if f.status >= 500 else "http_429" if f.status == 429 else f"http_{f.status}"
+            raise Refused(reason, f"HTTP {f.status}", f.status, f.ctype)
+        if f.ctype not in self.cfg.content_types:
+            raise Refused("not_html", f"content type {f.ctype!r}", f.status, f.ctype)
+        if not f.body.strip():
+            raise Refused("empty_body", "no content", f.status, f.ctype)
+        if b"\x00" in f.body[:4096]:
+            raise Refused("not_html", "binary content", f.status, f.ctype)
+        try:
+            html = readers.decode_body(f.body, f.charset)
+        except UnicodeDecodeError as e:
+            raise Refused("decode_error", str(e), f.status, f.ctype) from None
+        self.writer.keep(page_row(source, f.url, f.status, f.ctype, html))
+        if follow and f.ctype != "text/plain":
+            for link in same_site_links(html, f.url, self.hosts):
+                self._enqueue(link, source, True)
 
     async def _allowed(self, url: str) -> bool:
         if not self.cfg.respect_robots:
             return True
         parts = urlsplit(url)
-        key = f"{parts.scheme}://{parts.netloc}"
-        if key not in self.robots:  # one fetch per host; concurrent workers wait for the same one
-            self.robots[key] = asyncio.ensure_future(self._robots(key))
-        rp = await self.robots[key]
+        origin = f"{parts.scheme}://{parts.netloc}"
+        if origin not in self.robots:  # one fetch per host; concurrent workers wait for the same one
+            self.robots[origin] = asyncio.ensure_future(self._robots(origin))
+        rp = await self.robots[origin]
         return rp is None or rp.can_fetch(self.cfg.user_agent, url)
 
     async def _robots(self, origin: str) -> urllib.robotparser.RobotFileParser | None:
         try:
-            r = await self.client.get(f"{origin}/robots.txt")
-        except httpx.HTTPError as e:
-            log.info("collect: no robots.txt at %s (%s)", origin, e)
+            f = await self._fetch(f"{origin}/robots.txt", retries=0)
+        except Refused as e:
+            log.info("collect: no robots.txt at %s (%s %s)", origin, e.reason, e.error)
             return None
-        if r.status_code != 200:
+        if f.status != 200:
             return None
         rp = urllib.robotparser.RobotFileParser()
-        rp.parse(r.text.splitlines())
+        rp.parse(f.body.decode("utf-8", "replace").splitlines())
+        delay = rp.crawl_delay(self.cfg.user_agent)
+        if delay:
+            gate = self._gate(urlsplit(origin).netloc)
+            gate.interval = max(gate.interval, float(delay))
         return rp
 
-    async def _fetch(self, url: str) -> tuple[httpx.Response | None, bytes, str, str]:
-        """GET with retries; returns (response, body, reason, error); reason is '' on success."""
-        reason, error = "", ""
-        for attempt in range(self.cfg.retries + 1):
-            if attempt:
-                await asyncio.sleep(self.cfg.backoff_s * 2 ** (attempt - 1))
-            try:
-                async with self.client.stream("GET", url) as r:
-                    body = bytearray()
-                    async for chunk in r.aiter_bytes():
-                        body += chunk
-                        if len(body) > self.cfg.max_bytes:
-                            return r, b"", "too_large", f"more than {self.cfg.max_bytes} bytes"
-            except httpx.TooManyRedirects as e:
-                return None, b"", "redirect_loop", str(e)
-            except httpx.TimeoutException as e:
-                reason, error = "timeout", str(e) or type(e).__name__
-                continue
-            except httpx.TransportError as e:
-                reason, error = "connect_error", str(e) or type(e).__name__
-                continue
-            if r.status_code == 429 or r.status_code >= 500:
-                reason, error = ("http_429" if r.status_code == 429 else "http_5xx"), f"HTTP {r.status_code}"
-                continue
-            return r, bytes(body), "", ""
-        return None, b"", reason, error
+    def _gate(self, host: str) -> HostGate:
+        if host not in self.gates:
+            self.gates[host] = HostGate(self.cfg.per_host_concurrency, 1.0 / self.cfg.per_host_rps)
+        return self.gates[host]
 
-    async def _visit(self, url: str, source: str) -> None:
-        if not await self._allowed(url):
-            self.writer.drop(_drop_row(source, url, "disallowed by robots.txt"), "robots")
-            return
-        r, body, reason, error = await self._fetch(url)
-        status = r.status_code if r is not None else None
-        ctype = r.headers.get("content-type", "").split(";")[0].strip().lower() if r is not None else None
-        if reason:
-            self.writer.drop(_drop_row(source, url, error, status, ctype), reason)
-        elif status != 200:
-            self.writer.drop(_drop_row(source, url, f"HTTP {status}", status, ctype), f"http_{status}")
-        elif ctype not in TEXT_TYPES:
-            self.writer.drop(_drop_row(source, url, f"content type {ctype!r}", status, ctype), "not_html")
-        else:
+    async def _fetch(self, url: str, retries: int | None = None) -> Fetched:
+        """GET with retries on timeouts, connection errors, 429 and 5xx (Retry-After honoured)."""
+        retries = self.cfg.retries if retries is None else retries
+        for attempt in range(retries + 1):
             try:
-                html = body.decode(r.charset_encoding or "utf-8")
-            except (UnicodeDecodeError, LookupError) as e:
-                self.writer.drop(_drop_row(source, url, str(e), status, ctype), "decode_error")
-                return
-            final_url = normalize_url(str(r.url))
-            self.writer.keep(_page_row(source, final_url, status, ctype, html))
-            if ctype != "text/plain":
-                for link in same_site_links(html, final_url, self.hosts):
-                    self._enqueue(link, source)
+                f = await self._follow(url)
+                if f.status != 429 and f.status < 500:
+                    return f
+                failure = Refused("http_429" if f.status == 429 else "http_5xx", f"HTTP {f.status}", f.status,
+                                  f.ctype, retry_after=f.retry_after)
+            except Refused as e:
+                if e.reason not in ("timeout", "connect_error"):
+                    raise
+                failure = e
+            if attempt == retries:
+                break
+            wait = self.cfg.backoff_s * 2 ** attempt
+            if failure.retry_after is not None:
+                if failure.retry_after > self.cfg.max_retry_after_s:
+                    break
+                wait = max(wait, failure.retry_after)
+            await asyncio.sleep(wait)
+        if failure.status is not None:
+            return Fetched(url, failure.status, failure.ctype or "", None, b"")
+        raise failure
+
+    async def _follow(self, url: str) -> Fetched:
+        """One request, following redirects hop by hop; every hop passes the address guard."""
+        chain = [url]
+        for _ in range(self.cfg.max_redirects + 1):
+            f = await self._get(url)
+            if f.status not in REDIRECTS or not f.location:
+                return f
+            url = normalize_url(urljoin(url, f.location))
+            if url in chain:
+                raise Refused("redirect_loop", " -> ".join(chain + [url])[:500], f.status)
+            chain.append(url)
+        raise Refused("too_many_redirects", f"more than {self.cfg.max_redirects} redirects", f.status)
+
+    async def _get(self, url: str) -> Fetched:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise Refused("bad_url", url)
+        await self.guard.check(parts.hostname)
+        async with self._gate(parts.netloc):
+            try:
+                async with asyncio.timeout(self.cfg.timeout_s):
+                    async with self.client.stream("GET", url) as r:
+                        ctype, charset = readers.media_type(r.headers.get("content-type"))
+                        body = b"" if r.status_code in REDIRECTS else await self._read(r)
+            except (TimeoutError, httpx.TimeoutException) as e:
+                raise Refused("timeout", f"{type(e).__name__} after at most {self.cfg.timeout_s}s") from None
+            except httpx.TransportError as e:
+                raise Refused("connect_error", str(e) or type(e).__name__) from None
+        return Fetched(str(r.url), r.status_code, ctype, charset, body, r.headers.get("location"),
+                       _retry_after(r.headers.get("retry-after")))
+
+    async def _read(self, r: httpx.Response) -> bytes:
+        """The body, decompressed, refusing more than max_bytes on the wire or after decompression."""
+        cap = self.cfg.max_bytes
+        length = r.headers.get("content-length")
+        if length and length.isdigit() and int(length) > cap:
+            raise Refused("too_large", f"Content-Length {length} > {cap}", r.status_code)
+        encoding = r.headers.get("content-encoding", "identity").lower().strip()
+        if encoding not in ("identity", "gzip", "x-gzip", "deflate", ""):
+            raise Refused("decode_error", f"content encoding {encoding!r}", r.status_code)
+        inflate = zlib.decompressobj(47) if encoding in ("gzip", "x-gzip", "deflate") else None
+        wire, out = 0, bytearray()
+        async for chunk in r.aiter_raw():
+            wire += len(chunk)
+            if wire > cap:
+                raise Refused("too_large", f"more than {cap} bytes on the wire", r.status_code)
+            try:
+                while chunk:
+                    part = inflate.decompress(chunk, cap + 1 - len(out)) if inflate else chunk
+                    out += part
+                    if len(out) > cap:
+                        raise Refused("too_large", f"more than {cap} bytes decompressed", r.status_code)
+                    chunk = inflate.unconsumed_tail if inflate else b""
+            except zlib.error as e:
+                raise Refused("decode_error", f"bad {encoding} stream: {e}", r.status_code) from None
+        return bytes(out)
 
 
 def read_local(paths: list[str], writer: StageWriter, max_pages: int) -> None:
     """Read .html/.htm/.txt files (or folders of them, recursively) as pages."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in LOCAL_SUFFIXES and f.is_file())
-        elif p.is_file():
-            files.append(p)
-        else:
-            writer.drop(_drop_row(f"path:{p}", p.as_uri() if p.is_absolute() else str(p), "no such file"), "not_found")
+    files, missing = readers.local_files(paths, LOCAL_SUFFIXES)
+    for p in missing:
+        writer.drop(drop_row(f"path:{p}", p, "no such file"), "not_found")
     for f in tqdm(files[:max_pages], desc="collect (files)", unit="file"):
         source, url = f"path:{f.parent.resolve()}", f.resolve().as_uri()
         ctype = LOCAL_SUFFIXES.get(f.suffix.lower())
         if ctype is None:
-            writer.drop(_drop_row(source, url, f"suffix {f.suffix!r}"), "not_html")
+            writer.drop(drop_row(source, url, f"suffix {f.suffix!r}"), "not_html")
             continue
         try:
-            text = f.read_bytes().decode("utf-8")
+            text = readers.decode_body(f.read_bytes(), None)
         except UnicodeDecodeError as e:
-            writer.drop(_drop_row(source, url, str(e), None, ctype), "decode_error")
+            writer.drop(drop_row(source, url, str(e), None, ctype), "decode_error")
             continue
-        writer.keep(_page_row(source, url, 200, ctype, text))
+        writer.keep(page_row(source, url, None, ctype, text))
 
 
-def collect(cfg, stage_dir: str | Path, start_urls: list[str] | None = None) -> dict:
+def write_records(records, writer: StageWriter, desc: str) -> None:
+    """Write ("keep", fields) / ("drop", fields, reason) records from a reader."""
+    for rec in tqdm(records, desc=desc, unit="record"):
+        if rec[0] == "keep":
+            f = rec[1]
+            writer.keep(page_row(f["source"], f["url"], f["status"], f["content_type"], f["html"],
+                                 f["fetched_at"], f["record_id"]))
+        else:
+            writer.drop(drop_row(**{k: rec[1].get(k) or ("" if k == "error" else None) for k in
+                                    ("source", "url", "error", "status", "content_type", "fetched_at",
+                                     "record_id")}), rec[2])
+
+
+def collect(cfg: CollectConfig, stage_dir: str | Path, start_urls: list[str] | None = None) -> dict:
     """Run the collect stage into ``stage_dir``; returns its manifest.
 
     ``start_urls`` overrides ``cfg.start_urls`` (the flow passes the embedded site's URL).
     """
     t0 = time.time()
     urls = list(start_urls if start_urls is not None else cfg.start_urls)
+    seeds = [(u, f"crawl:{u}", True) for u in urls]
+    for path in cfg.url_lists:
+        seeds += [(u, f"list:{path}", False) for u in readers.read_url_list(path)]
     with StageWriter("collect", stage_dir, PAGE_SCHEMA, DROPPED_SCHEMA) as w:
         if cfg.paths:
             read_local(cfg.paths, w, cfg.max_pages)
-        if urls:
-            asyncio.run(Crawler(cfg, w).run(urls))
+        for path in cfg.warc_files:
+            write_records(readers.read_warc(path), w, f"collect ({Path(path).name})")
+        for t in cfg.tables:
+            write_records(readers.read_table(t.path, t.text_column, t.url_column), w, f"collect ({Path(t.path).name})")
+        if seeds or cfg.sitemaps:
+            asyncio.run(Crawler(cfg, w).run(seeds, cfg.sitemaps))
         w.extra = {"seconds": round(time.time() - t0, 3),
-                   "sources": urls + [str(Path(p).resolve()) for p in cfg.paths]}
+                   "sources": urls + cfg.url_lists + cfg.sitemaps + cfg.warc_files + [t.path for t in cfg.tables]
+                   + [str(Path(p).resolve()) for p in cfg.paths]}
     return w.manifest
 
 
@@ -243,9 +435,10 @@ def collect_task(ctx: dict, section: dict, inputs: list[dict], run_id: str) -> d
     """Collect the configured sources; with none, crawl the embedded pydoc site on 127.0.0.1."""
     cfg = CollectConfig.model_validate(section)
     out = stage_dir(ctx, "collect")
-    if cfg.start_urls or cfg.paths:
+    if cfg.has_sources():
         return collect(cfg, out)
     modules = tuple(cfg.pydoc_modules) if cfg.pydoc_modules is not None else pydoc_site.DEFAULT_MODULES
     key = hashlib.sha256("\n".join(modules).encode()).hexdigest()[:12]
     with pydoc_site.render_and_serve(Path(ctx["data_dir"]) / "pydoc-site" / key, modules) as url:
-        return collect(cfg, out, start_urls=[url])
+        site = cfg.model_copy(update={"allow_private": cfg.allow_private + ["127.0.0.1/32"]})
+        return collect(site, out, start_urls=[url])

@@ -165,6 +165,7 @@ def test_unreachable_start_url_stops_with_one_clear_message(tmp_path, servers):
     from infra.services import free_port
     url = f"http://127.0.0.1:{free_port()}/"
     proc = run_cli(["run", "--set", f"collect.start_urls=[{url}]", "--set", "collect.retries=0",
+                    "--set", "collect.allow_private=[127.0.0.1/32]",
                     "--set", "tracking.experiment=bad-input"],
                    {"MLFLOW_TRACKING_URI": servers["MLFLOW_TRACKING_URI"]}, tmp_path)
     assert proc.returncode == 1

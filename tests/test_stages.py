@@ -22,6 +22,7 @@ from tasks.shards import StageWriter, iter_rows, read_table
 from tasks.tokenize import tokenize
 from tests.conftest import TEST_MODULES
 
+LOCAL = ["127.0.0.1/32"]  # the test servers live on loopback, which the crawler refuses by default
 DEMO = load_config(Path(__file__).resolve().parents[1] / "flows/profiles/demo.yaml")
 
 
@@ -29,7 +30,7 @@ DEMO = load_config(Path(__file__).resolve().parents[1] / "flows/profiles/demo.ya
 def stages(tmp_path_factory, site_url):
     """collect -> extract -> filter (demo profile) -> dedup -> tokenize over the test site."""
     d = tmp_path_factory.mktemp("stages")
-    out = {"collect": collect(CollectConfig(), d / "collect", start_urls=[site_url])}
+    out = {"collect": collect(CollectConfig(allow_private=LOCAL), d / "collect", start_urls=[site_url])}
     out["extract"] = extract(ExtractConfig(), out["collect"], d / "extract")
     out["filter"] = filter_docs(DEMO.filter, out["extract"], d / "filter")
     out["dedup"] = dedup(DedupConfig(), out["filter"], d / "dedup")
@@ -57,7 +58,7 @@ def test_collect_honours_robots_and_page_limit(tmp_path, site_dir):
     try:
         from tasks.pydoc_site import serve
         with serve(site_dir) as url:
-            m = collect(CollectConfig(max_pages=15), tmp_path / "c", start_urls=[url, url + "json.html"])
+            m = collect(CollectConfig(max_pages=15, allow_private=LOCAL), tmp_path / "c", start_urls=[url, url + "json.html"])
     finally:
         (site_dir / "robots.txt").write_text("User-agent: *\nAllow: /\n")
     dropped = read_table(m, dropped=True).to_pylist()
@@ -93,9 +94,9 @@ def test_collect_retries_5xx_with_backoff(tmp_path, site_dir):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_port}/page.html"
-        ok = collect(CollectConfig(retries=2, backoff_s=0.05), tmp_path / "ok", start_urls=[url])
+        ok = collect(CollectConfig(retries=2, backoff_s=0.05, allow_private=LOCAL), tmp_path / "ok", start_urls=[url])
         Flapping.hits = 0
-        bad = collect(CollectConfig(retries=1, backoff_s=0.05), tmp_path / "bad", start_urls=[url])
+        bad = collect(CollectConfig(retries=1, backoff_s=0.05, allow_private=LOCAL), tmp_path / "bad", start_urls=[url])
     finally:
         server.shutdown()
     assert url in read_table(ok)["url"].to_pylist() and "http_5xx" not in ok["reasons"]
@@ -104,7 +105,7 @@ def test_collect_retries_5xx_with_backoff(tmp_path, site_dir):
 
 def test_collect_unreachable_start_url_is_a_reason_not_a_crash(tmp_path):
     from infra.services import free_port
-    m = collect(CollectConfig(retries=0), tmp_path / "c", start_urls=[f"http://127.0.0.1:{free_port()}/"])
+    m = collect(CollectConfig(retries=0, allow_private=LOCAL), tmp_path / "c", start_urls=[f"http://127.0.0.1:{free_port()}/"])
     assert m["rows"] == 0 and m["reasons"] == {"connect_error": 1}
 
 

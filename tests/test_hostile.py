@@ -1,0 +1,57 @@
+"""The crawler against a hostile website, inside a network namespace that has only loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.hostile import EXPECTED
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory, site_dir):
+    out = tmp_path_factory.mktemp("hostile") / "result.json"
+    proc = subprocess.run(["unshare", "-n", sys.executable, "-m", "tests.hostile", str(site_dir), str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("path, reason", sorted(EXPECTED.items()))
+def test_each_hostile_endpoint_ends_as_its_expected_record(hostile, path, reason):
+    url = hostile["base"] + path
+    if reason is None:
+        assert url in hostile["kept"], hostile["dropped"].get(url)
+    else:
+        assert hostile["dropped"].get(url) == reason
+
+
+def test_private_addresses_are_refused_before_any_connection(hostile):
+    assert hostile["dropped"]["http://10.1.2.3/direct.html"] == "blocked_address"
+    assert hostile["dropped"]["http://127.0.0.2:9/other-loopback.html"] == "blocked_address"
+    # the redirect to a private address was asked for once and never followed
+    assert len(hostile["hits"]["/to-private.html"]) == 1
+
+
+def test_lying_charsets_are_decoded_right(hostile):
+    for path in ("ok.html", "latin1-label.html", "utf8-label.html"):
+        assert "François Pinard" in hostile["kept"][hostile["base"] + path], path
+    assert "heapq" in hostile["kept"][hostile["base"] + "invalid-utf8.html"]
+
+
+def test_retries_back_off_and_honour_retry_after(hostile):
+    assert len(hostile["hits"]["/flapping.html"]) == 3
+    assert len(hostile["hits"]["/always-500.html"]) == 3            # 1 try + 2 retries, then given up
+    first, second = hostile["hits"]["/rate-limited.html"]
+    assert second - first >= 1.0                                     # Retry-After: 1 was honoured
+
+
+def test_nothing_hangs_past_its_time_limit(hostile):
+    assert hostile["seconds"] < 20
+    assert hostile["manifest"]["rows"] + hostile["manifest"]["dropped"] == len(EXPECTED) + 2
