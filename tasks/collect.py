@@ -395,14 +395,13 @@ def read_local(paths: list[str], writer: StageWriter, max_pages: int) -> None:
 def write_records(records, writer: StageWriter, desc: str) -> None:
     """Write ("keep", fields) / ("drop", fields, reason) records from a reader."""
     for rec in tqdm(records, desc=desc, unit="record"):
+        f = rec[1]
         if rec[0] == "keep":
-            f = rec[1]
             writer.keep(page_row(f["source"], f["url"], f["status"], f["content_type"], f["html"],
                                  f["fetched_at"], f["record_id"]))
         else:
-            writer.drop(drop_row(**{k: rec[1].get(k) or ("" if k == "error" else None) for k in
-                                    ("source", "url", "error", "status", "content_type", "fetched_at",
-                                     "record_id")}), rec[2])
+            writer.drop(drop_row(f["source"], f["url"], f.get("error", ""), f.get("status"), f.get("content_type"),
+                                 f.get("fetched_at"), f.get("record_id")), rec[2])
 
 
 def collect(cfg: CollectConfig, stage_dir: str | Path, start_urls: list[str] | None = None) -> dict:

@@ -62,39 +62,44 @@ def read_warc(path: str) -> Iterator[tuple]:
     dropped as ``not_html``; damage (a truncated gzip member, a wrong Content-Length) ends the
     file with one ``warc_damaged`` row, after every good record before it was kept.
     """
-    source = f"warc:{path}"
-    n = 0
+    source, done = f"warc:{path}", 0
     try:
         with fsspec.open(path, "rb") as f:  # warcio reads gzip member by member itself
             for record in ArchiveIterator(f):
-                n += 1
-                kind = record.rec_type
-                if kind not in ("response", "conversion"):
-                    continue
-                url = record.rec_headers.get_header("WARC-Target-URI") or ""
-                rec_id = record.rec_headers.get_header("WARC-Record-ID")
-                fetched = _warc_date(record.rec_headers.get_header("WARC-Date"))
-                body = record.content_stream().read()
-                if kind == "conversion":
-                    ctype, charset, status = "text/plain", "utf-8", 200
-                else:
-                    if record.http_headers is None:
-                        continue  # dns: or other non-HTTP responses
-                    status = int(record.http_headers.get_statuscode() or 0)
-                    ctype, charset = media_type(record.http_headers.get_header("Content-Type"))
-                meta = {"source": source, "url": url, "fetched_at": fetched, "status": status,
-                        "content_type": ctype, "record_id": rec_id}
-                if status != 200:
-                    yield "drop", {**meta, "error": f"HTTP {status}"}, f"http_{status}"
-                elif ctype not in HTML_TYPES and ctype != "text/plain":
-                    yield "drop", {**meta, "error": f"content type {ctype!r}"}, "not_html"
-                else:
-                    try:
-                        yield "keep", {**meta, "html": decode_body(body, charset)}
-                    except UnicodeDecodeError as e:
-                        yield "drop", {**meta, "error": str(e)}, "decode_error"
+                row = _warc_row(record, source)
+                if row is not None:
+                    yield row
+                done += 1
     except Exception as e:  # warcio raises assorted errors on damaged archives
-        yield "drop", {"source": source, "url": path, "error": f"after {n} records: {e!r}"[:500]}, "warc_damaged"
+        yield "drop", {"source": source, "url": path, "error": f"after {done} records: {e!r}"[:500]}, "warc_damaged"
+
+
+def _warc_row(record, source: str) -> tuple | None:
+    if record.rec_type not in ("response", "conversion"):
+        return None
+    url = record.rec_headers.get_header("WARC-Target-URI") or ""
+    body = record.content_stream().read()
+    missing = getattr(record.raw_stream, "limit", 0)
+    if missing:  # the archive ended inside this record
+        raise EOFError(f"record {url} truncated: {missing} of its {record.length} bytes missing")
+    if record.rec_type == "conversion":
+        ctype, charset, status = "text/plain", "utf-8", 200
+    elif record.http_headers is None:
+        return None  # dns: and other non-HTTP responses
+    else:
+        status = int(record.http_headers.get_statuscode() or 0)
+        ctype, charset = media_type(record.http_headers.get_header("Content-Type"))
+    meta = {"source": source, "url": url, "status": status, "content_type": ctype,
+            "fetched_at": _warc_date(record.rec_headers.get_header("WARC-Date")),
+            "record_id": record.rec_headers.get_header("WARC-Record-ID")}
+    if status != 200:
+        return "drop", {**meta, "error": f"HTTP {status}"}, f"http_{status}"
+    if ctype not in HTML_TYPES and ctype != "text/plain":
+        return "drop", {**meta, "error": f"content type {ctype!r}"}, "not_html"
+    try:
+        return "keep", {**meta, "html": decode_body(body, charset)}
+    except UnicodeDecodeError as e:
+        return "drop", {**meta, "error": str(e)}, "decode_error"
 
 
 def _warc_date(value: str | None) -> datetime | None:
