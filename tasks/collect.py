@@ -182,18 +182,26 @@ class Crawler:
         self.seen: set[str] = set()
         self.queue: asyncio.Queue[tuple[str, str, bool]] = asyncio.Queue()
         self.hosts: set[str] = set()
+        self.done = Done(None)
 
-    async def run(self, seeds: list[tuple[str, str, bool]], sitemaps: list[str]) -> None:
-        """Fetch ``(url, source, follow_links)`` seeds and the pages of ``sitemaps``."""
+    async def run(self, seeds: list[tuple[str, str, bool]], sitemaps: list[str], done: "Done") -> None:
+        """Fetch ``(url, source, follow_links)`` seeds and the pages of ``sitemaps``, except what a
+        killed earlier attempt already wrote (``done``); its pages' links are followed again."""
         self.hosts = {urlsplit(u).netloc for u, _, follow in seeds if follow}
+        self.seen |= done.urls
+        self.done = done
         timeout = httpx.Timeout(connect=self.cfg.connect_timeout_s, read=self.cfg.read_timeout_s,
                                 write=self.cfg.read_timeout_s, pool=None)
         headers = {"User-Agent": self.cfg.user_agent, "Accept-Encoding": "gzip, deflate"}
         async with httpx.AsyncClient(timeout=timeout, headers=headers, follow_redirects=False,
                                      limits=httpx.Limits(max_connections=self.cfg.concurrency)) as self.client:
             with tqdm(total=self.cfg.max_pages, desc="collect", unit="page") as self.bar:
+                self.bar.update(len(done.urls))
                 for url, source, follow in seeds:
                     self._enqueue(normalize_url(url), source, follow)
+                for url, source, html in done.crawled:
+                    for link in same_site_links(html, url, self.hosts):
+                        self._enqueue(link, source, True)
                 for sitemap in sitemaps:
                     await self._sitemap(sitemap, f"sitemap:{sitemap}", depth=0)
                 workers = [asyncio.create_task(self._worker()) for _ in range(self.cfg.concurrency)]
@@ -212,10 +220,12 @@ class Crawler:
             fetched = await self._fetch(url)
             pages, children = readers.parse_sitemap(fetched.body)
         except Refused as e:
-            self.writer.drop(drop_row(source, url, e.error, e.status, e.ctype), f"sitemap_{e.reason}")
+            if url not in self.done.urls:
+                self.writer.drop(drop_row(source, url, e.error, e.status, e.ctype), f"sitemap_{e.reason}")
             return
         except Exception as e:  # not XML, or not a sitemap
-            self.writer.drop(drop_row(source, url, repr(e)), "sitemap_invalid")
+            if url not in self.done.urls:
+                self.writer.drop(drop_row(source, url, repr(e)), "sitemap_invalid")
             return
         for page in pages:
             self._enqueue(normalize_url(page), source, False)
@@ -373,13 +383,27 @@ class Crawler:
         return bytes(out)
 
 
-def read_local(paths: list[str], writer: StageWriter, max_pages: int) -> None:
+class Done:
+    """What a killed earlier attempt of this stage already wrote, so that nothing is fetched twice."""
+
+    def __init__(self, writer: StageWriter | None):
+        cols = ["source", "url", "record_id"]
+        rows = list(writer.resumed("kept", cols + ["html"])) + list(writer.resumed("dropped", cols)) if writer else []
+        self.urls = {r["url"] for r in rows}
+        self.records = {(r["source"], r["record_id"] or r["url"]) for r in rows}
+        self.crawled = [(r["url"], r["source"], r["html"]) for r in rows
+                        if r["source"].startswith("crawl:") and r.get("html")]
+
+
+def read_local(paths: list[str], writer: StageWriter, max_pages: int, done: Done) -> None:
     """Read .html/.htm/.txt files (or folders of them, recursively) as pages."""
     files, missing = readers.local_files(paths, LOCAL_SUFFIXES)
     for p in missing:
         writer.drop(drop_row(f"path:{p}", p, "no such file"), "not_found")
     for f in tqdm(files[:max_pages], desc="collect (files)", unit="file"):
         source, url = f"path:{f.parent.resolve()}", f.resolve().as_uri()
+        if url in done.urls:
+            continue
         ctype = LOCAL_SUFFIXES.get(f.suffix.lower())
         if ctype is None:
             writer.drop(drop_row(source, url, f"suffix {f.suffix!r}"), "not_html")
@@ -392,10 +416,12 @@ def read_local(paths: list[str], writer: StageWriter, max_pages: int) -> None:
         writer.keep(page_row(source, url, None, ctype, text))
 
 
-def write_records(records, writer: StageWriter, desc: str) -> None:
+def write_records(records, writer: StageWriter, desc: str, done: Done) -> None:
     """Write ("keep", fields) / ("drop", fields, reason) records from a reader."""
     for rec in tqdm(records, desc=desc, unit="record"):
         f = rec[1]
+        if (f["source"], f.get("record_id") or f["url"]) in done.records:
+            continue
         if rec[0] == "keep":
             writer.keep(page_row(f["source"], f["url"], f["status"], f["content_type"], f["html"],
                                  f["fetched_at"], f["record_id"]))
@@ -414,15 +440,19 @@ def collect(cfg: CollectConfig, stage_dir: str | Path, start_urls: list[str] | N
     seeds = [(u, f"crawl:{u}", True) for u in urls]
     for path in cfg.url_lists:
         seeds += [(u, f"list:{path}", False) for u in readers.read_url_list(path)]
-    with StageWriter("collect", stage_dir, PAGE_SCHEMA, DROPPED_SCHEMA) as w:
+    # shards every 256 rows or 2 s: a killed collect resumes without fetching what it wrote
+    with StageWriter("collect", stage_dir, PAGE_SCHEMA, DROPPED_SCHEMA, shard_rows=256, resume=True,
+                     flush_every_s=2.0) as w:
+        done = Done(w)
         if cfg.paths:
-            read_local(cfg.paths, w, cfg.max_pages)
+            read_local(cfg.paths, w, cfg.max_pages, done)
         for path in cfg.warc_files:
-            write_records(readers.read_warc(path), w, f"collect ({Path(path).name})")
+            write_records(readers.read_warc(path), w, f"collect ({Path(path).name})", done)
         for t in cfg.tables:
-            write_records(readers.read_table(t.path, t.text_column, t.url_column), w, f"collect ({Path(t.path).name})")
+            write_records(readers.read_table(t.path, t.text_column, t.url_column), w,
+                          f"collect ({Path(t.path).name})", done)
         if seeds or cfg.sitemaps:
-            asyncio.run(Crawler(cfg, w).run(seeds, cfg.sitemaps))
+            asyncio.run(Crawler(cfg, w).run(seeds, cfg.sitemaps, done))
         w.extra = {"seconds": round(time.time() - t0, 3),
                    "sources": urls + cfg.url_lists + cfg.sitemaps + cfg.warc_files + [t.path for t in cfg.tables]
                    + [str(Path(p).resolve()) for p in cfg.paths]}
@@ -439,5 +469,7 @@ def collect_task(ctx: dict, section: dict, inputs: list[dict], run_id: str) -> d
     modules = tuple(cfg.pydoc_modules) if cfg.pydoc_modules is not None else pydoc_site.DEFAULT_MODULES
     key = hashlib.sha256("\n".join(modules).encode()).hexdigest()[:12]
     with pydoc_site.render_and_serve(Path(ctx["data_dir"]) / "pydoc-site" / key, modules) as url:
-        site = cfg.model_copy(update={"allow_private": cfg.allow_private + ["127.0.0.1/32"]})
+        # our own static site on loopback: allowlisted, and no need to spare it
+        site = cfg.model_copy(update={"allow_private": cfg.allow_private + ["127.0.0.1/32"],
+                                      "per_host_rps": max(cfg.per_host_rps, 1000.0)})
         return collect(site, out, start_urls=[url])

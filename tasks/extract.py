@@ -12,12 +12,15 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import re
 import signal
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
+from html import unescape
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import trafilatura
@@ -47,12 +50,25 @@ def _alarm(signum, frame):
     raise PageTimeout()
 
 
+TITLE_RE = re.compile(r"<title[^>]*>(.*?)</title\s*>", re.I | re.S)
+LANG_RE = re.compile(r"<html[^>]*?\slang\s*=\s*[\"']?([A-Za-z]{2,3}(?:-[A-Za-z0-9]+)*)", re.I)
+
+
 def extract_page(html: str, url: str, opts: dict) -> dict | None:
-    """Main text and metadata of one page, or None when it has no main text."""
-    doc = trafilatura.bare_extraction(html, url=url, with_metadata=True, **opts)
+    """Main text and metadata of one page, or None when it has no main text.
+
+    With ``with_metadata`` trafilatura finds title, date, hostname and language itself (its
+    date and author search cost ~40 % more time); without, the title comes from <title>, the
+    language from <html lang>, the hostname from the URL, and there is no date.
+    """
+    doc = trafilatura.bare_extraction(html, url=url, **opts)
     if doc is None or not (doc.text or "").strip():
         return None
-    return {"text": doc.text.strip(), **{k: getattr(doc, k, None) for k in META}}
+    if opts.get("with_metadata"):
+        return {"text": doc.text.strip(), **{k: getattr(doc, k, None) for k in META}}
+    title, lang = TITLE_RE.search(html[:20000]), LANG_RE.search(html[:5000])
+    return {"text": doc.text.strip(), "title": " ".join(unescape(title.group(1)).split()) if title else None,
+            "date": None, "hostname": urlsplit(url).hostname, "language": lang.group(1).lower() if lang else None}
 
 
 def extract_batch(pages: list[tuple[str, str]], opts: dict, timeout_s: float) -> list[tuple[str, dict | str]]:
@@ -97,7 +113,8 @@ def extract(cfg: ExtractConfig, pages: dict, stage_dir: str | Path) -> dict:
     """Run the extract stage over the collect manifest ``pages``; returns its manifest."""
     t0 = time.time()
     opts = {"favor_precision": cfg.favor_precision, "favor_recall": cfg.favor_recall,
-            "include_tables": cfg.include_tables, "include_comments": cfg.include_comments}
+            "include_tables": cfg.include_tables, "include_comments": cfg.include_comments,
+            "with_metadata": cfg.with_metadata}
     processes = cfg.processes or os.cpu_count() or 1
     with StageWriter("extract", stage_dir, DOC_SCHEMA) as w, _pool(processes) as pool, \
             tqdm(total=pages["rows"], desc="extract", unit="page") as bar:

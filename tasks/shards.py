@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -89,11 +90,16 @@ class StageWriter:
 
     Use as a context manager; call :meth:`keep` / :meth:`drop` with row dicts. On a clean
     exit the temporary folder becomes ``stage_dir`` with its manifest; on an error it is
-    removed and nothing half-written is left behind.
+    removed and nothing half-written is left behind. Each shard is itself written atomically.
+
+    With ``resume=True`` the temporary folder of an attempt that was killed is taken over: its
+    finished shards stay, :meth:`resumed` yields their rows so the stage can skip that work,
+    and new shards continue the numbering. ``flush_every_s`` bounds what a kill can lose.
     """
 
     def __init__(self, stage: str, stage_dir: str | os.PathLike, schema: pa.Schema,
-                 dropped_schema: pa.Schema | None = None, shard_rows: int = 2000):
+                 dropped_schema: pa.Schema | None = None, shard_rows: int = 2000,
+                 resume: bool = False, flush_every_s: float | None = None):
         self.stage, self.final = stage, Path(stage_dir)
         self.schemas = {"kept": schema,
                         "dropped": dropped_schema or schema.append(pa.field("reason", pa.string()))}
@@ -102,11 +108,31 @@ class StageWriter:
         self.files: dict[str, list[dict]] = {"kept": [], "dropped": []}
         self.reasons: Counter[str] = Counter()
         self.extra: dict[str, Any] = {}
+        self.resume, self.flush_every_s, self.last_flush = resume, flush_every_s, time.monotonic()
 
     def __enter__(self) -> "StageWriter":
-        self.tmp = fresh_tmp_dir(self.final)
-        (self.tmp / "dropped").mkdir()
+        stale = sorted(self.final.parent.glob(f".{self.final.name}.tmp-*"), key=lambda p: p.stat().st_mtime)
+        if self.resume and stale and (stale[-1] / "dropped").is_dir():
+            self.tmp = self.final.with_name(f".{self.final.name}.tmp-{os.getpid()}")
+            if stale[-1] != self.tmp:
+                os.replace(stale[-1], self.tmp)
+            for p in self.tmp.rglob(".part-*"):  # a shard the kill interrupted
+                p.unlink()
+            for kind, sub in (("kept", self.tmp), ("dropped", self.tmp / "dropped")):
+                for f in sorted(sub.glob("part-*.parquet")):
+                    rel = str(f.relative_to(self.tmp))
+                    self.files[kind].append(file_entry(self.tmp, rel, pq.ParquetFile(f).metadata.num_rows))
+                    if kind == "dropped":
+                        self.reasons.update(pq.read_table(f, columns=["reason"])["reason"].to_pylist())
+        else:
+            self.tmp = fresh_tmp_dir(self.final)
+            (self.tmp / "dropped").mkdir()
         return self
+
+    def resumed(self, kind: str, columns: list[str] | None = None) -> Iterator[dict]:
+        """Rows of the shards taken over from a killed attempt."""
+        for f in self.files[kind]:
+            yield from pq.read_table(self.tmp / f["path"], columns=columns).to_pylist()
 
     def keep(self, row: dict) -> None:
         self._add("kept", row)
@@ -119,15 +145,21 @@ class StageWriter:
         self.buffers[kind].append(row)
         if len(self.buffers[kind]) >= self.shard_rows:
             self._flush(kind)
+        elif self.flush_every_s is not None and time.monotonic() - self.last_flush > self.flush_every_s:
+            for k in ("kept", "dropped"):
+                if self.buffers[k]:
+                    self._flush(k)
 
     def _flush(self, kind: str) -> None:
+        self.last_flush = time.monotonic()
         rows = self.buffers[kind]
         if not rows and self.files[kind]:
             return
         sub = "" if kind == "kept" else "dropped/"
         rel = f"{sub}part-{len(self.files[kind]):05d}.parquet"
-        table = pa.Table.from_pylist(rows, schema=self.schemas[kind])
-        pq.write_table(table, self.tmp / rel, compression="zstd")
+        part = self.tmp / f"{sub}.{Path(rel).name}"
+        pq.write_table(pa.Table.from_pylist(rows, schema=self.schemas[kind]), part, compression="zstd")
+        os.replace(part, self.tmp / rel)
         self.files[kind].append(file_entry(self.tmp, rel, len(rows)))
         self.buffers[kind] = []
 

@@ -1,0 +1,102 @@
+"""Benchmark: pages/s per core of extraction and of collect+extract, against bare trafilatura.
+
+    python bench/collect_extract.py [--out bench/results/collect_extract.json] [--modules N]
+
+Renders the pydoc site, then measures in one run, on the same pages:
+  reference   bare ``trafilatura.extract(html)`` in a loop, one process
+  extract     our extract stage with 1 and 2 worker processes (Parquet in and out)
+  crawl       collect (HTTP crawl of the site) + extract, with 1 and 2 processes
+  warc        collect (read a WARC of the same pages) + extract, with 1 and 2 processes
+Prints JSON: pages/s, per-core overhead of our extract against the reference, and the
+2-process speedups.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import trafilatura  # noqa: E402
+from warcio.statusandheaders import StatusAndHeaders  # noqa: E402
+from warcio.warcwriter import WARCWriter  # noqa: E402
+
+from flows.config import CollectConfig, ExtractConfig  # noqa: E402
+from tasks import pydoc_site  # noqa: E402
+from tasks.collect import collect  # noqa: E402
+from tasks.extract import extract  # noqa: E402
+from tasks.shards import iter_rows  # noqa: E402
+
+
+def cpu() -> float:
+    """CPU seconds of this process and its finished children (the extraction workers)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def timed(fn):
+    t0, c0 = time.perf_counter(), cpu()
+    out = fn()
+    timed.cpu = cpu() - c0
+    return out, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench/results/collect_extract.json")
+    ap.add_argument("--modules", type=int, default=None, help="render only the first N modules")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    modules = pydoc_site.DEFAULT_MODULES[:args.modules] if args.modules else pydoc_site.DEFAULT_MODULES
+    pydoc_site.render_site(work / "site", modules)
+    local = ["127.0.0.1/32"]  # our own site on loopback: no politeness limits needed
+    res: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                             "trafilatura": trafilatura.__version__}}
+    with pydoc_site.serve(work / "site") as url:
+        pages = collect(CollectConfig(allow_private=local, max_pages=10_000, per_host_rps=10_000), work / "pages", start_urls=[url])
+        html = [(r["html"], r["url"]) for r in iter_rows(pages)]
+        n = len(html)
+        _, ref_s = timed(lambda: [trafilatura.extract(h, url=u) for h, u in html])
+        res["reference_pages_per_cpu_s"] = round(n / timed.cpu, 2)
+        res["pages"] = n
+        res["html_mb"] = round(sum(len(h.encode()) for h, _ in html) / 1e6, 2)
+        res["reference_pages_per_s"] = round(n / ref_s, 2)
+        for p in (1, 2):
+            _, s = timed(lambda: extract(ExtractConfig(processes=p), pages, work / f"extract-{p}"))
+            res[f"extract_{p}p_pages_per_s"] = round(n / s, 2)
+            res[f"extract_{p}p_pages_per_cpu_s"] = round(n / timed.cpu, 2)
+            _, s = timed(lambda: extract(ExtractConfig(processes=p), collect(
+                CollectConfig(allow_private=local, max_pages=10_000, per_host_rps=10_000), work / f"c-{p}", start_urls=[url]),
+                work / f"ce-{p}"))
+            res[f"crawl_extract_{p}p_pages_per_s"] = round(n / s, 2)
+    with open(work / "pages.warc.gz", "wb") as f:
+        w = WARCWriter(f, gzip=True)
+        for h, u in html:
+            hdr = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8")], protocol="HTTP/1.1")
+            w.write_record(w.create_warc_record(u, "response", payload=io.BytesIO(h.encode()), http_headers=hdr))
+    for p in (1, 2):
+        _, s = timed(lambda: extract(ExtractConfig(processes=p), collect(
+            CollectConfig(warc_files=[str(work / "pages.warc.gz")]), work / f"w-{p}"), work / f"we-{p}"))
+        res[f"warc_extract_{p}p_pages_per_s"] = round(n / s, 2)
+    # per core: CPU time per page, all processes counted, against the bare loop's
+    res["extract_overhead_per_core"] = round(res["reference_pages_per_cpu_s"] / res["extract_1p_pages_per_cpu_s"] - 1, 4)
+    res["extract_1p_wall_ratio_to_reference"] = round(res["extract_1p_pages_per_s"] / res["reference_pages_per_s"], 4)
+    for k in ("extract", "crawl_extract", "warc_extract"):
+        res[f"{k}_speedup_2p"] = round(res[f"{k}_2p_pages_per_s"] / res[f"{k}_1p_pages_per_s"], 3)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
