@@ -19,6 +19,7 @@ import asyncio
 import email.utils
 import hashlib
 import ipaddress
+import json
 import logging
 import socket
 import time
@@ -29,14 +30,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urldefrag, urljoin, urlsplit
 
+import fsspec
 import httpx
 import lxml.html
 import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from flows.config import CollectConfig
 from tasks import pydoc_site, readers
-from tasks.shards import StageWriter
+from tasks.shards import StageWriter, read_manifest, read_table, write_json
 from tasks.stage import stage_dir, stage_task
 
 log = logging.getLogger(__name__)
@@ -45,7 +48,7 @@ PAGE_SCHEMA = pa.schema([
     ("doc_id", pa.string()), ("source", pa.string()), ("url", pa.string()),
     ("fetched_at", pa.timestamp("us", tz="UTC")), ("status", pa.int32()),
     ("content_type", pa.string()), ("content_sha256", pa.string()), ("record_id", pa.string()),
-    ("html", pa.string()),
+    ("etag", pa.string()), ("last_modified", pa.string()), ("html", pa.string()),
 ])
 DROPPED_SCHEMA = pa.schema([
     ("source", pa.string()), ("url", pa.string()), ("fetched_at", pa.timestamp("us", tz="UTC")),
@@ -66,10 +69,12 @@ def _now() -> datetime:
 
 
 def page_row(source: str, url: str, status: int | None, ctype: str, body: str,
-             fetched_at: datetime | None = None, record_id: str | None = None) -> dict:
+             fetched_at: datetime | None = None, record_id: str | None = None,
+             etag: str | None = None, last_modified: str | None = None) -> dict:
     sha = hashlib.sha256(body.encode("utf-8", "surrogatepass")).hexdigest()
     return {"doc_id": doc_id(source, url, sha), "source": source, "url": url, "fetched_at": fetched_at or _now(),
-            "status": status, "content_type": ctype, "content_sha256": sha, "record_id": record_id, "html": body}
+            "status": status, "content_type": ctype, "content_sha256": sha, "record_id": record_id,
+            "etag": etag, "last_modified": last_modified, "html": body}
 
 
 def drop_row(source: str, url: str, error: str = "", status: int | None = None, ctype: str | None = None,
@@ -89,7 +94,9 @@ def same_site_links(html: str, base_url: str, hosts: set[str]) -> list[str]:
     except (ValueError, lxml.etree.ParserError):
         return []
     out = []
-    for href in root.xpath("//a/@href"):
+    for href in sorted(set(root.xpath("//a/@href"))):  # pages repeat their links; resolve each once
+        if href.startswith(("#", "mailto:", "javascript:", "file:", "data:", "tel:")):
+            continue
         url = normalize_url(urljoin(base_url, href))
         parts = urlsplit(url)
         if parts.scheme in ("http", "https") and parts.netloc in hosts:
@@ -160,6 +167,8 @@ class Fetched:
     body: bytes
     location: str | None = None
     retry_after: float | None = None
+    etag: str | None = None
+    last_modified: str | None = None
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -174,8 +183,9 @@ def _retry_after(value: str | None) -> float | None:
 
 
 class Crawler:
-    def __init__(self, cfg: CollectConfig, writer: StageWriter):
-        self.cfg, self.writer = cfg, writer
+    def __init__(self, cfg: CollectConfig, writer: StageWriter, previous: "Previous | None" = None):
+        self.cfg, self.writer, self.previous = cfg, writer, previous or Previous(None)
+        self.not_modified = 0
         self.guard = AddressGuard(cfg.allow_private)
         self.robots: dict[str, asyncio.Future] = {}
         self.gates: dict[str, HostGate] = {}
@@ -250,6 +260,14 @@ class Crawler:
         if not await self._allowed(url):
             raise Refused("robots", "disallowed by robots.txt")
         f = await self._fetch(url)
+        if f.status == 304 and url in self.previous.pages:  # unchanged since the last run: reuse its row
+            row = self.previous.pages[url]
+            self.writer.keep(row)
+            self.not_modified += 1
+            if follow and row["content_type"] != "text/plain":
+                for link in same_site_links(row["html"], url, self.hosts):
+                    self._enqueue(link, source, True)
+            return
         if f.status != 200:
             reason = "http_5xx" if f.status >= 500 else "http_429" if f.status == 429 else f"http_{f.status}"
             raise Refused(reason, f"HTTP {f.status}", f.status, f.ctype)
@@ -263,7 +281,7 @@ class Crawler:
             html = readers.decode_body(f.body, f.charset)
         except UnicodeDecodeError as e:
             raise Refused("decode_error", str(e), f.status, f.ctype) from None
-        self.writer.keep(page_row(source, f.url, f.status, f.ctype, html))
+        self.writer.keep(page_row(source, f.url, f.status, f.ctype, html, etag=f.etag, last_modified=f.last_modified))
         if follow and f.ctype != "text/plain":
             for link in same_site_links(html, f.url, self.hosts):
                 self._enqueue(link, source, True)
@@ -346,7 +364,7 @@ class Crawler:
         async with self._gate(parts.netloc):
             try:
                 async with asyncio.timeout(self.cfg.timeout_s):
-                    async with self.client.stream("GET", url) as r:
+                    async with self.client.stream("GET", url, headers=self.previous.conditional(url)) as r:
                         ctype, charset = readers.media_type(r.headers.get("content-type"))
                         body = b"" if r.status_code in REDIRECTS else await self._read(r)
             except (TimeoutError, httpx.TimeoutException) as e:
@@ -354,7 +372,8 @@ class Crawler:
             except httpx.TransportError as e:
                 raise Refused("connect_error", str(e) or type(e).__name__) from None
         return Fetched(str(r.url), r.status_code, ctype, charset, body, r.headers.get("location"),
-                       _retry_after(r.headers.get("retry-after")))
+                       _retry_after(r.headers.get("retry-after")), r.headers.get("etag"),
+                       r.headers.get("last-modified"))
 
     async def _read(self, r: httpx.Response) -> bytes:
         """The body, decompressed, refusing more than max_bytes on the wire or after decompression."""
@@ -381,6 +400,43 @@ class Crawler:
             except zlib.error as e:
                 raise Refused("decode_error", f"bad {encoding} stream: {e}", r.status_code) from None
         return bytes(out)
+
+
+class Previous:
+    """The last finished collect over the same sources: pages are asked for again only if changed
+    (conditional GET with their ETag / Last-Modified), files re-read only if their size or
+    modification time changed."""
+
+    def __init__(self, manifest: dict | None):
+        self.manifest = manifest or {}
+        self.signatures: dict[str, str] = self.manifest.get("signatures", {})
+        self.pages: dict[str, dict] = {}
+        if manifest and Path(manifest["dir"]).is_dir():
+            self.pages = {r["url"]: r for r in read_table(manifest).to_pylist() if r["source"].startswith(
+                ("crawl:", "list:", "sitemap:")) and (r.get("etag") or r.get("last_modified"))}
+
+    def conditional(self, url: str) -> dict[str, str]:
+        row = self.pages.get(url)
+        if row is None:
+            return {}
+        headers = {"If-None-Match": row["etag"]} if row.get("etag") else {}
+        return headers | ({"If-Modified-Since": row["last_modified"]} if row.get("last_modified") else {})
+
+    def unchanged_rows(self, source: str, signature: str) -> tuple[list[dict], list[dict]] | None:
+        """(kept, dropped) rows of a file source whose signature has not changed, else None."""
+        if not self.manifest or self.signatures.get(source) != signature or not Path(self.manifest["dir"]).is_dir():
+            return None
+        keep = read_table(self.manifest).filter(pc.equal(pc.field("source"), source)).to_pylist()
+        drop = read_table(self.manifest, dropped=True).filter(pc.equal(pc.field("source"), source)).to_pylist()
+        return keep, drop
+
+
+def file_signature(path: str) -> str:
+    """Size and modification time (or ETag) of a local or remote file."""
+    fs, p = fsspec.core.url_to_fs(path)
+    info = fs.info(p)
+    return json.dumps({k: str(info.get(k)) for k in ("size", "mtime", "ETag", "LastModified", "etag")
+                       if info.get(k) is not None}, sort_keys=True)
 
 
 class Done:
@@ -430,11 +486,17 @@ def write_records(records, writer: StageWriter, desc: str, done: Done) -> None:
                                  f.get("fetched_at"), f.get("record_id")), rec[2])
 
 
-def collect(cfg: CollectConfig, stage_dir: str | Path, start_urls: list[str] | None = None) -> dict:
+def collect(cfg: CollectConfig, stage_dir: str | Path, start_urls: list[str] | None = None,
+            previous: dict | None = None) -> dict:
     """Run the collect stage into ``stage_dir``; returns its manifest.
 
     ``start_urls`` overrides ``cfg.start_urls`` (the flow passes the embedded site's URL).
+    ``previous`` is the manifest of the last collect over the same sources: what has not
+    changed since is carried over instead of fetched again.
     """
+    prev = Previous(previous)
+    signatures: dict[str, str] = {}
+    reused = 0
     t0 = time.time()
     urls = list(start_urls if start_urls is not None else cfg.start_urls)
     seeds = [(u, f"crawl:{u}", True) for u in urls]
@@ -446,26 +508,44 @@ def collect(cfg: CollectConfig, stage_dir: str | Path, start_urls: list[str] | N
         done = Done(w)
         if cfg.paths:
             read_local(cfg.paths, w, cfg.max_pages, done)
-        for path in cfg.warc_files:
-            write_records(readers.read_warc(path), w, f"collect ({Path(path).name})", done)
-        for t in cfg.tables:
-            write_records(readers.read_table(t.path, t.text_column, t.url_column), w,
-                          f"collect ({Path(t.path).name})", done)
+        files = [(p, f"warc:{p}", lambda p=p: readers.read_warc(p)) for p in cfg.warc_files]
+        files += [(t.path, f"table:{t.path}", lambda t=t: readers.read_table(t.path, t.text_column, t.url_column))
+                  for t in cfg.tables]
+        for path, source, read in files:
+            signatures[source] = file_signature(path)
+            same = prev.unchanged_rows(source, signatures[source])
+            if same is None:
+                write_records(read(), w, f"collect ({Path(path).name})", done)
+                continue
+            for row in same[0]:
+                w.keep(row)
+            for row in same[1]:
+                w.drop({k: v for k, v in row.items() if k != "reason"}, row["reason"])
+            reused += len(same[0]) + len(same[1])
+        crawler = Crawler(cfg, w, prev)
         if seeds or cfg.sitemaps:
-            asyncio.run(Crawler(cfg, w).run(seeds, cfg.sitemaps, done))
-        w.extra = {"seconds": round(time.time() - t0, 3),
+            asyncio.run(crawler.run(seeds, cfg.sitemaps, done))
+        w.extra = {"seconds": round(time.time() - t0, 3), "signatures": signatures,
+                   "not_modified": crawler.not_modified, "files_unchanged_rows": reused,
                    "sources": urls + cfg.url_lists + cfg.sitemaps + cfg.warc_files + [t.path for t in cfg.tables]
                    + [str(Path(p).resolve()) for p in cfg.paths]}
     return w.manifest
 
 
 @stage_task("collect")
-def collect_task(ctx: dict, section: dict, inputs: list[dict], run_id: str) -> dict:
+def collect_task(ctx: dict, section: dict, inputs: list[dict], run_id: str) -> dict | tuple[dict, dict]:
     """Collect the configured sources; with none, crawl the embedded pydoc site on 127.0.0.1."""
     cfg = CollectConfig.model_validate(section)
     out = stage_dir(ctx, "collect")
     if cfg.has_sources():
-        return collect(cfg, out)
+        # the last finished collect over these sources, so that only what changed is fetched
+        key = hashlib.sha256(json.dumps(cfg.model_dump(mode="json", include={
+            "start_urls", "url_lists", "sitemaps", "warc_files", "tables", "paths"}), sort_keys=True).encode())
+        state = Path(ctx["data_dir"]) / "collect-state" / f"{key.hexdigest()[:16]}.json"
+        last = json.loads(state.read_text())["dir"] if state.exists() else None
+        manifest = collect(cfg, out, previous=read_manifest(last) if last else None)
+        write_json(state, {"dir": manifest["dir"]})
+        return manifest, {k: float(manifest[k]) for k in ("not_modified", "files_unchanged_rows")}
     modules = tuple(cfg.pydoc_modules) if cfg.pydoc_modules is not None else pydoc_site.DEFAULT_MODULES
     key = hashlib.sha256("\n".join(modules).encode()).hexdigest()[:12]
     with pydoc_site.render_and_serve(Path(ctx["data_dir"]) / "pydoc-site" / key, modules) as url:

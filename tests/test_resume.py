@@ -1,10 +1,12 @@
-"""A collect killed with SIGKILL resumes without refetching what it wrote and without duplicate rows."""
+"""Nothing lost, nothing repeated: a killed collect resumes without refetching or duplicating, and a
+second collect over the same sources fetches only what changed."""
 
 from __future__ import annotations
 
 import functools
 import http.server
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,13 +24,29 @@ from tests.conftest import ROOT
 LOCAL = ["127.0.0.1/32"]
 
 
+class Hits(Counter):
+    """Requests per path, and the status codes answered."""
+
+    def __init__(self):
+        super().__init__()
+        self.codes: dict[str, list[int]] = {}
+
+    def clear(self):
+        super().clear()
+        self.codes.clear()
+
+
 def counting_server(site_dir):
-    hits: Counter[str] = Counter()
+    hits = Hits()
 
     class Handler(http.server.SimpleHTTPRequestHandler):
         def do_GET(self):
             hits[self.path] += 1
             super().do_GET()
+
+        def send_response(self, code, message=None):
+            hits.codes.setdefault(self.path, []).append(code)
+            super().send_response(code, message)
 
         def log_message(self, *args):
             pass
@@ -69,3 +87,42 @@ def test_killed_collect_resumes_without_refetching(tmp_path, site_dir):
         path = "/" + u.rsplit("/", 1)[1] if not u.endswith("/") else "/"
         assert hits[path] == before[path] == 1, u
     assert list(tmp_path.iterdir()) == [out]
+
+
+def test_second_collect_fetches_only_what_changed(tmp_path, site_dir):
+    site = tmp_path / "site"
+    shutil.copytree(site_dir, site)
+    server, hits = counting_server(site)
+    url = f"http://127.0.0.1:{server.server_port}/"
+    cfg = CollectConfig(allow_private=LOCAL)
+    try:
+        first = collect(cfg, tmp_path / "one", start_urls=[url])
+        page = site / "heapq.html"
+        page.write_text(page.read_text().replace("François", "Francois"))
+        os.utime(page, (time.time() + 5, time.time() + 5))
+        hits.clear()
+        second = collect(cfg, tmp_path / "two", start_urls=[url], previous=first)
+    finally:
+        server.shutdown()
+    one = {r["url"]: r for r in read_table(first).to_pylist()}
+    two = {r["url"]: r for r in read_table(second).to_pylist()}
+    assert one.keys() == two.keys()
+    changed = [u for u in two if two[u]["content_sha256"] != one[u]["content_sha256"]]
+    assert changed == [url + "heapq.html"]
+    assert all(two[u]["doc_id"] == one[u]["doc_id"] for u in two if u not in changed)
+    full_bodies = [p for p, codes in hits.codes.items() if 200 in codes and p.endswith(".html")]
+    assert full_bodies == ["/heapq.html"]                      # every other page answered 304
+    assert second["not_modified"] == len(one) - 1
+
+
+def test_unchanged_warc_is_not_read_again(tmp_path, site_dir):
+    from tests.test_sources import write_warc
+    write_warc(tmp_path / "a.warc.gz", site_dir)
+    cfg = CollectConfig(warc_files=[str(tmp_path / "a.warc.gz")])
+    first = collect(cfg, tmp_path / "one")
+    second = collect(cfg, tmp_path / "two", previous=first)
+    assert second["files_unchanged_rows"] == first["rows"] + first["dropped"]
+    assert read_table(second).to_pylist() == read_table(first).to_pylist()
+    os.utime(tmp_path / "a.warc.gz", (time.time() + 5, time.time() + 5))   # touched: read again
+    third = collect(cfg, tmp_path / "three", previous=second)
+    assert third["files_unchanged_rows"] == 0 and third["rows"] == first["rows"]
