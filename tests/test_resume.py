@@ -25,15 +25,17 @@ LOCAL = ["127.0.0.1/32"]
 
 
 class Hits(Counter):
-    """Requests per path, and the status codes answered."""
+    """Requests per path, the status codes answered, and when each request came."""
 
     def __init__(self):
         super().__init__()
         self.codes: dict[str, list[int]] = {}
+        self.times: list[tuple[float, str]] = []
 
     def clear(self):
         super().clear()
         self.codes.clear()
+        self.times.clear()
 
 
 def counting_server(site_dir):
@@ -42,6 +44,7 @@ def counting_server(site_dir):
     class Handler(http.server.SimpleHTTPRequestHandler):
         def do_GET(self):
             hits[self.path] += 1
+            hits.times.append((time.monotonic(), self.path))
             super().do_GET()
 
         def send_response(self, code, message=None):
@@ -126,3 +129,30 @@ def test_unchanged_warc_is_not_read_again(tmp_path, site_dir):
     os.utime(tmp_path / "a.warc.gz", (time.time() + 5, time.time() + 5))   # touched: read again
     third = collect(cfg, tmp_path / "three", previous=second)
     assert third["files_unchanged_rows"] == 0 and third["rows"] == first["rows"]
+
+
+def test_crawl_delay_spaces_requests_to_a_host(tmp_path, site_dir):
+    site = tmp_path / "site"
+    shutil.copytree(site_dir, site)
+    (site / "robots.txt").write_text("User-agent: *\nCrawl-delay: 1\n")
+    server, hits = counting_server(site)
+    url = f"http://127.0.0.1:{server.server_port}/"
+    (tmp_path / "urls.txt").write_text("".join(f"{url}{p}.html\n" for p in ("json", "csv", "heapq", "bisect")))
+    try:
+        m = collect(CollectConfig(allow_private=LOCAL, url_lists=[str(tmp_path / "urls.txt")]), tmp_path / "c")
+    finally:
+        server.shutdown()
+    assert m["rows"] == 4
+    times = [t for t, path in hits.times if path.endswith(".html")]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert len(gaps) == 3 and min(gaps) > 0.9, gaps
+
+
+def test_warc_over_http(tmp_path, site_dir):
+    from tasks.pydoc_site import serve
+    from tests.test_sources import PAGES, write_warc
+    (tmp_path / "w").mkdir()
+    write_warc(tmp_path / "w" / "a.warc.gz", site_dir)
+    with serve(tmp_path / "w") as url:
+        m = collect(CollectConfig(warc_files=[url + "a.warc.gz"]), tmp_path / "c")
+    assert [r["url"].rsplit("/", 1)[1] for r in read_table(m).to_pylist()] == PAGES
