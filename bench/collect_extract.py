@@ -7,8 +7,8 @@ Renders the pydoc site, then measures in one run, on the same pages:
   extract     our extract stage with 1 and 2 worker processes (Parquet in and out)
   crawl       collect (HTTP crawl of the site) + extract, with 1 and 2 processes
   warc        collect (read a WARC of the same pages) + extract, with 1 and 2 processes
-Prints JSON: pages/s, per-core overhead of our extract against the reference, and the
-2-process speedups.
+Prints JSON: median pages/s, the per-core overhead of our extract against the reference and
+the 2-process speedups (medians of ratios taken within each round).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -55,6 +56,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/collect_extract.json")
     ap.add_argument("--modules", type=int, default=None, help="render only the first N modules")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved repetitions (medians are reported)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     modules = pydoc_site.DEFAULT_MODULES[:args.modules] if args.modules else pydoc_site.DEFAULT_MODULES
@@ -63,43 +65,51 @@ def main() -> None:
     res: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                              "trafilatura": trafilatura.__version__}}
     with pydoc_site.serve(work / "site") as url:
-        pages = collect(CollectConfig(allow_private=local, max_pages=10_000, per_host_rps=10_000), work / "pages", start_urls=[url])
+        crawl = CollectConfig(allow_private=local, max_pages=10_000, per_host_rps=10_000)
+        pages = collect(crawl, work / "pages", start_urls=[url])
         html = [(r["html"], r["url"]) for r in iter_rows(pages)]
         n = len(html)
-        # the reference runs with our default options (comments off, tables on), twice; the faster counts
-        opts = ExtractConfig().model_dump(include={"favor_precision", "favor_recall", "include_tables",
-                                                   "include_comments"})
-        refs = []
-        for _ in range(2):
-            _, ref_s = timed(lambda: [trafilatura.extract(h, url=u, **opts) for h, u in html])
-            refs.append((ref_s, timed.cpu))
-        ref_s, ref_cpu = min(refs)
-        res["reference_pages_per_cpu_s"] = round(n / ref_cpu, 2)
         res["pages"] = n
         res["html_mb"] = round(sum(len(h.encode()) for h, _ in html) / 1e6, 2)
-        res["reference_pages_per_s"] = round(n / ref_s, 2)
-        for p in (1, 2):
-            _, s = timed(lambda: extract(ExtractConfig(processes=p), pages, work / f"extract-{p}"))
-            res[f"extract_{p}p_pages_per_s"] = round(n / s, 2)
-            res[f"extract_{p}p_pages_per_cpu_s"] = round(n / timed.cpu, 2)
-            _, s = timed(lambda: extract(ExtractConfig(processes=p), collect(
-                CollectConfig(allow_private=local, max_pages=10_000, per_host_rps=10_000), work / f"c-{p}", start_urls=[url]),
-                work / f"ce-{p}"))
-            res[f"crawl_extract_{p}p_pages_per_s"] = round(n / s, 2)
-    with open(work / "pages.warc.gz", "wb") as f:
-        w = WARCWriter(f, gzip=True)
-        for h, u in html:
-            hdr = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8")], protocol="HTTP/1.1")
-            w.write_record(w.create_warc_record(u, "response", payload=io.BytesIO(h.encode()), http_headers=hdr))
-    for p in (1, 2):
-        _, s = timed(lambda: extract(ExtractConfig(processes=p), collect(
-            CollectConfig(warc_files=[str(work / "pages.warc.gz")]), work / f"w-{p}"), work / f"we-{p}"))
-        res[f"warc_extract_{p}p_pages_per_s"] = round(n / s, 2)
-    # per core: CPU time per page, all processes counted, against the bare loop's
-    res["extract_overhead_per_core"] = round(res["reference_pages_per_cpu_s"] / res["extract_1p_pages_per_cpu_s"] - 1, 4)
-    res["extract_1p_wall_ratio_to_reference"] = round(res["extract_1p_pages_per_s"] / res["reference_pages_per_s"], 4)
-    for k in ("extract", "crawl_extract", "warc_extract"):
-        res[f"{k}_speedup_2p"] = round(res[f"{k}_2p_pages_per_s"] / res[f"{k}_1p_pages_per_s"], 3)
+        with open(work / "pages.warc.gz", "wb") as f:
+            w = WARCWriter(f, gzip=True)
+            for h, u in html:
+                hdr = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8")], protocol="HTTP/1.1")
+                w.write_record(w.create_warc_record(u, "response", payload=io.BytesIO(h.encode()), http_headers=hdr))
+        # the reference runs with our default options (comments off, tables on)
+        opts = ExtractConfig().model_dump(include={"favor_precision", "favor_recall", "include_tables",
+                                                   "include_comments"})
+        runs = {
+            "reference": lambda i: [trafilatura.extract(h, url=u, **opts) for h, u in html],
+            **{f"extract_{p}p": (lambda i, p=p: extract(ExtractConfig(processes=p), pages, work / f"e{p}-{i}"))
+               for p in (1, 2)},
+            **{f"crawl_extract_{p}p": (lambda i, p=p: extract(ExtractConfig(processes=p), collect(
+                crawl, work / f"c{p}-{i}", start_urls=[url]), work / f"ce{p}-{i}")) for p in (1, 2)},
+            **{f"warc_extract_{p}p": (lambda i, p=p: extract(ExtractConfig(processes=p), collect(
+                CollectConfig(warc_files=[str(work / "pages.warc.gz")]), work / f"w{p}-{i}"), work / f"we{p}-{i}"))
+               for p in (1, 2)},
+        }
+        # interleaved rounds: this machine's speed drifts by +-20 % within minutes, so ratios are
+        # taken within a round (measurements seconds apart) and the median over rounds is reported
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+        for i in range(args.rounds):
+            for name, fn in runs.items():
+                _, s = timed(lambda: fn(i))
+                times[name].append((s, timed.cpu))
+        for name, ts in times.items():
+            res[f"{name}_pages_per_s"] = round(n / statistics.median(s for s, _ in ts), 2)
+            if name in ("reference", "extract_1p", "extract_2p"):
+                res[f"{name}_pages_per_cpu_s"] = round(n / statistics.median(c for _, c in ts), 2)
+
+        def ratio(a: str, b: str, cpu: bool = False) -> float:
+            return round(statistics.median(x[cpu] / y[cpu] for x, y in zip(times[a], times[b])), 4)
+
+        # per core: CPU time per page, all processes counted, against the bare loop's
+        res["extract_overhead_per_core"] = round(ratio("extract_1p", "reference", cpu=True) - 1, 4)
+        res["extract_1p_wall_overhead"] = round(ratio("extract_1p", "reference") - 1, 4)
+        for k in ("extract", "crawl_extract", "warc_extract"):
+            res[f"{k}_speedup_2p"] = ratio(f"{k}_1p", f"{k}_2p")
+    res["rounds"] = args.rounds
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2))
