@@ -14,15 +14,18 @@ the 2-process speedups (medians of ratios taken within each round).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,6 +48,28 @@ def cpu() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+@contextlib.contextmanager
+def site_server(directory: Path):
+    """The site served by another process, as a real web server would be: its work does not
+    share the crawler's interpreter."""
+    from infra.services import free_port
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                             "--directory", str(directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(url, timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
 def timed(fn):
     t0, c0 = time.perf_counter(), cpu()
     out = fn()
@@ -64,7 +89,7 @@ def main() -> None:
     local = ["127.0.0.1/32"]  # our own site on loopback: no politeness limits needed
     res: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                              "trafilatura": trafilatura.__version__}}
-    with pydoc_site.serve(work / "site") as url:
+    with site_server(work / "site") as url:
         crawl = CollectConfig(allow_private=local, max_pages=10_000, per_host_rps=10_000)
         pages = collect(crawl, work / "pages", start_urls=[url])
         html = [(r["html"], r["url"]) for r in iter_rows(pages)]
