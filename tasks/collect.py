@@ -201,8 +201,10 @@ def _retry_after(value: str | None) -> float | None:
 
 
 class Crawler:
-    def __init__(self, cfg: CollectConfig, writer: StageWriter, previous: "Previous | None" = None):
+    def __init__(self, cfg: CollectConfig, writer: StageWriter, previous: "Previous | None" = None,
+                 done: "Done | None" = None):
         self.cfg, self.writer, self.previous = cfg, writer, previous or Previous(None)
+        self.done = done or Done(None)  # what a killed earlier attempt already wrote
         self.not_modified = 0
         self.guard = AddressGuard(cfg.allow_private)
         self.robots: dict[str, asyncio.Future] = {}
@@ -210,24 +212,22 @@ class Crawler:
         self.seen: set[str] = set()
         self.queue: asyncio.Queue[tuple[str, str, bool]] = asyncio.Queue()
         self.hosts: set[str] = set()
-        self.done = Done(None)
 
-    async def run(self, seeds: list[tuple[str, str, bool]], sitemaps: list[str], done: "Done") -> None:
+    async def run(self, seeds: list[tuple[str, str, bool]], sitemaps: list[str]) -> None:
         """Fetch ``(url, source, follow_links)`` seeds and the pages of ``sitemaps``, except what a
-        killed earlier attempt already wrote (``done``); its pages' links are followed again."""
+        killed earlier attempt already wrote; the links of its pages are followed again."""
         self.hosts = {urlsplit(u).netloc for u, _, follow in seeds if follow}
-        self.seen |= done.urls
-        self.done = done
+        self.seen |= self.done.urls
         timeout = httpx.Timeout(connect=self.cfg.connect_timeout_s, read=self.cfg.read_timeout_s,
                                 write=self.cfg.read_timeout_s, pool=None)
         headers = {"User-Agent": self.cfg.user_agent, "Accept-Encoding": "gzip, deflate"}
         async with httpx.AsyncClient(timeout=timeout, headers=headers, follow_redirects=False,
                                      limits=httpx.Limits(max_connections=self.cfg.concurrency)) as self.client:
             with tqdm(total=self.cfg.max_pages, desc="collect", unit="page") as self.bar:
-                self.bar.update(len(done.urls))
+                self.bar.update(len(self.done.urls))
                 for url, source, follow in seeds:
                     self._enqueue(normalize_url(url), source, follow)
-                for url, source, html in done.crawled:
+                for url, source, html in self.done.crawled:
                     for link in same_site_links(html, url, self.hosts):
                         self._enqueue(link, source, True)
                 for sitemap in sitemaps:
@@ -540,9 +540,9 @@ def collect(cfg: CollectConfig, stage_dir: str | Path, start_urls: list[str] | N
             for row in same[1]:
                 w.drop({k: v for k, v in row.items() if k != "reason"}, row["reason"])
             reused += len(same[0]) + len(same[1])
-        crawler = Crawler(cfg, w, prev)
+        crawler = Crawler(cfg, w, prev, done)
         if seeds or cfg.sitemaps:
-            asyncio.run(crawler.run(seeds, cfg.sitemaps, done))
+            asyncio.run(crawler.run(seeds, cfg.sitemaps))
         w.extra = {"seconds": round(time.time() - t0, 3), "signatures": signatures,
                    "not_modified": crawler.not_modified, "files_unchanged_rows": reused,
                    "sources": urls + cfg.url_lists + cfg.sitemaps + cfg.warc_files + [t.path for t in cfg.tables]
