@@ -117,10 +117,12 @@ def main() -> None:
         # interleaved rounds: this machine's speed drifts by +-20 % within minutes, so ratios are
         # taken within a round (measurements seconds apart) and the median over rounds is reported
         times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+        names = list(runs)
         for i in range(args.rounds):
-            for name, fn in runs.items():
-                _, s = timed(lambda: fn(i))
+            for name in names[i % len(names):] + names[:i % len(names)]:  # rotated: no fixed order bias
+                _, s = timed(lambda: runs[name](i))
                 times[name].append((s, timed.cpu))
+        res["seconds_by_round"] = {name: [round(s, 3) for s, _ in ts] for name, ts in times.items()}
         for name, ts in times.items():
             res[f"{name}_pages_per_s"] = round(n / statistics.median(s for s, _ in ts), 2)
             if name in ("reference", "extract_1p", "extract_2p"):
