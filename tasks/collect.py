@@ -426,11 +426,14 @@ class Previous:
     modification time changed."""
 
     def __init__(self, manifest: dict | None):
-        self.manifest = manifest or {}
-        self.signatures: dict[str, str] = self.manifest.get("signatures", {})
+        usable = bool(manifest) and Path(manifest["dir"]).is_dir()
+        self.signatures: dict[str, str] = manifest.get("signatures", {}) if usable else {}
+        # read once: the pages to revalidate, and the tables that unchanged files are copied from
+        self.kept = read_table(manifest) if usable else None
+        self.dropped = read_table(manifest, dropped=True) if usable else None
         self.pages: dict[str, dict] = {}
-        if manifest and Path(manifest["dir"]).is_dir():
-            self.pages = {r["url"]: r for r in read_table(manifest).to_pylist() if r["source"].startswith(
+        if usable:
+            self.pages = {r["url"]: r for r in self.kept.to_pylist() if r["source"].startswith(
                 ("crawl:", "list:", "sitemap:")) and (r.get("etag") or r.get("last_modified"))}
 
     def conditional(self, url: str) -> dict[str, str]:
@@ -442,11 +445,9 @@ class Previous:
 
     def unchanged_rows(self, source: str, signature: str) -> tuple[list[dict], list[dict]] | None:
         """(kept, dropped) rows of a file source whose signature has not changed, else None."""
-        if not self.manifest or self.signatures.get(source) != signature or not Path(self.manifest["dir"]).is_dir():
+        if self.kept is None or self.signatures.get(source) != signature:
             return None
-        keep = read_table(self.manifest).filter(pc.equal(pc.field("source"), source)).to_pylist()
-        drop = read_table(self.manifest, dropped=True).filter(pc.equal(pc.field("source"), source)).to_pylist()
-        return keep, drop
+        return tuple(t.filter(pc.equal(pc.field("source"), source)).to_pylist() for t in (self.kept, self.dropped))
 
 
 def file_signature(path: str) -> str:

@@ -116,6 +116,8 @@ class StageWriter:
             self.tmp = self.final.with_name(f".{self.final.name}.tmp-{os.getpid()}")
             if stale[-1] != self.tmp:
                 os.replace(stale[-1], self.tmp)
+            for older in stale[:-1]:  # only the latest attempt is taken over
+                shutil.rmtree(older, ignore_errors=True)
             for p in self.tmp.rglob(".part-*"):  # a shard the kill interrupted
                 p.unlink()
             for kind, sub in (("kept", self.tmp), ("dropped", self.tmp / "dropped")):
