@@ -114,11 +114,65 @@ class GopherQualityConfig(Section):
                                   description="The stop words counted by min_stop_words.")
 
 
+class UrlFilterConfig(Section):
+    enabled: bool = Field(True, description="Drop documents whose URL is on the blocklist.")
+    blocked_domains: list[str] = Field([], description="Domains dropped with all their subdomains "
+                                                        "(example.com also blocks www.example.com).")
+    blocked_substrings: list[str] = Field([], description="Drop URLs containing any of these (case-insensitive).")
+
+
+class LanguageConfig(Section):
+    enabled: bool = Field(True, description="Identify each document's language (py3langid, model inside the "
+                                            "package) and keep only the listed languages.")
+    languages: list[str] = Field(["en"], description="ISO 639-1 codes of the languages kept.")
+    min_score: float = Field(0.65, ge=0, le=1, description="Min probability of the identified language "
+                                                           "(FineWeb: 0.65 with fastText).")
+
+
+class C4Config(Section):
+    enabled: bool = Field(True, description="Apply C4's rules as FineWeb uses them (lines are removed, "
+                                            "some documents dropped).")
+    remove_citations: bool = Field(True, description="Remove Wikipedia-style citations: [1], [edit], "
+                                                      "[citation needed].")
+    filter_no_terminal_punct: bool = Field(False, description="Remove lines not ending in . ? ! \" ' "
+                                                              "(FineWeb turns this C4 rule off).")
+    min_words_per_line: int = Field(3, description="Remove lines with fewer words.")
+    max_word_length: int = Field(1000, description="Remove lines with a longer word (characters).")
+    filter_javascript: bool = Field(True, description="Remove lines that mention javascript.")
+    filter_policy: bool = Field(True, description="Remove lines with terms-of-use, privacy or cookie phrases.")
+    filter_lorem_ipsum: bool = Field(True, description="Drop documents containing 'lorem ipsum'.")
+    filter_curly_bracket: bool = Field(True, description="Drop documents containing '{'.")
+    min_num_sentences: int = Field(5, description="Drop documents with fewer sentences left (-1: off).")
+
+
+class FineWebConfig(Section):
+    enabled: bool = Field(True, description="Apply FineWeb's own quality rules.")
+    line_punct_thr: float = Field(0.12, description="Drop when the fraction of lines ending in terminal "
+                                                    "punctuation is at most this.")
+    line_punct_exclude_zero: bool = Field(False, description="Keep documents with no such line at all.")
+    short_line_thr: float = Field(0.67, description="Drop when the fraction of short lines is at least this.")
+    short_line_length: int = Field(30, description="Lines of at most this many characters are short.")
+    char_duplicates_ratio: float = Field(0.01, description="Drop when characters in duplicated lines / "
+                                                           "non-newline characters is at least this.")
+    new_line_ratio: float = Field(0.3, description="Drop when newlines per word exceed this (lists).")
+
+
+class PiiConfig(Section):
+    mask_emails: bool = Field(False, description="Replace e-mail addresses in kept documents with "
+                                                 "email@example.com.")
+    mask_ips: bool = Field(False, description="Replace public IPv4 addresses in kept documents with 0.0.0.0.")
+
+
 class FilterConfig(Section):
+    url: UrlFilterConfig = Field(default_factory=UrlFilterConfig, description="URL blocklist.")
+    language: LanguageConfig = Field(default_factory=LanguageConfig, description="Language identification.")
     gopher_repetition: GopherRepetitionConfig = Field(default_factory=GopherRepetitionConfig,
                                                       description="Gopher repetition rules (FineWeb defaults).")
     gopher_quality: GopherQualityConfig = Field(default_factory=GopherQualityConfig,
                                                 description="Gopher quality rules (FineWeb defaults).")
+    c4: C4Config = Field(default_factory=C4Config, description="C4 rules as FineWeb applies them.")
+    fineweb: FineWebConfig = Field(default_factory=FineWebConfig, description="FineWeb's quality rules.")
+    pii: PiiConfig = Field(default_factory=PiiConfig, description="Masking of e-mail and IP addresses.")
 
 
 class DedupConfig(Section):
@@ -131,8 +185,11 @@ class DedupConfig(Section):
     threshold: float | None = Field(None, gt=0, lt=1,
                                     description="Jaccard threshold; used to pick bands x rows when those are null.")
     seed: int = Field(1, description="MinHash seed: signatures are comparable only with the same seed.")
-    survivor: Literal["longest", "first"] = Field(
-        "longest", description="Kept document of a cluster: longest text (ties by doc_id), or smallest doc_id.")
+    survivor: Literal["longest", "oldest", "first"] = Field(
+        "longest", description="Kept document of a cluster: longest text, earliest fetched_at, or smallest "
+                               "doc_id (ties always by smallest doc_id).")
+    processes: int | None = Field(None, ge=1, description="Worker processes computing signatures, one input "
+                                                          "shard each (null: one per CPU core).")
 
     @model_validator(mode="after")
     def _lsh_params(self) -> "DedupConfig":

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import yaml
 from prefect import flow, get_run_logger
+from prefect.futures import wait
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
+from prefect.utilities.annotations import quote
 
 from flows import tracking
 from flows.config import ConfigError, load_config
@@ -48,10 +50,12 @@ def pipeline(config_path: str | None = None, overrides: list[str] | None = None)
            "data_dir": str(Path(cfg.data_dir).resolve()), "registered_model": cfg.tracking.registered_model}
     log.info("MLflow run: %s", tracking.run_url(parent))
     manifests: dict[str, dict] = {}
+    sections = {stage: getattr(cfg, stage).model_dump(mode="json") for stage, _ in STAGES}
     inputs: list[dict] = []
     try:
+        collected = _collect_and_extract(ctx, sections)
         for stage, task in STAGES:
-            manifest = task(ctx, getattr(cfg, stage).model_dump(mode="json"), inputs)
+            manifest = collected[stage] if stage in collected else task(ctx, sections[stage], inputs)
             manifests[stage] = manifest
             if manifest["rows"] == 0:
                 msg = empty_stage_message(stage, manifest)
@@ -74,6 +78,21 @@ def pipeline(config_path: str | None = None, overrides: list[str] | None = None)
                "run_dir": str(run_dir)}
     return Completed(message=f"val_loss {train['val_loss']:.3f} (ln vocab {train['ln_vocab']:.3f})",
                      data=summary)
+
+
+def _collect_and_extract(ctx: dict, sections: dict) -> dict[str, dict]:
+    """Collect and extract run side by side: extract follows collect's shards as they are
+    written, so a crawl that waits on the network does not leave the extraction cores idle."""
+    collected = collect_task.submit(ctx, sections["collect"], [])
+
+    def state() -> str | None:
+        s = collected.state
+        return None if not s.is_final() else "completed" if s.is_completed() else "failed"
+
+    follow = {"stage": "collect", "key": collect_task.key(ctx, sections["collect"], []), "state": state}
+    extracted = extract_task.submit(ctx, sections["extract"], [], follow=quote(follow))
+    wait([collected, extracted])
+    return {"collect": collected.result(), "extract": extracted.result()}
 
 
 def _report(parent: str, manifests: dict[str, dict]) -> None:

@@ -59,6 +59,7 @@ DROPPED_SCHEMA = pa.schema([
 ])
 LOCAL_SUFFIXES = {".html": "text/html", ".htm": "text/html", ".txt": "text/plain"}
 REDIRECTS = {301, 302, 303, 307, 308}
+CRAWL_DELAY_RE = re.compile(r"^(\s*crawl-delay\s*:\s*)(\d+(?:\.\d*)?|\.\d+)(?=\s|#|$)", re.I)
 
 
 def doc_id(source: str, url: str, content_sha256: str) -> str:
@@ -293,7 +294,7 @@ class Crawler:
             raise Refused("not_html", f"content type {f.ctype!r}", f.status, f.ctype)
         if not f.body.strip():
             raise Refused("empty_body", "no content", f.status, f.ctype)
-        if b"\x00" in f.body[:4096]:
+        if b"\x00" in f.body[:4096] and not readers.is_utf16(f.body, f.charset):
             raise Refused("not_html", "binary content", f.status, f.ctype)
         try:
             html = readers.decode_body(f.body, f.charset)
@@ -323,11 +324,18 @@ class Crawler:
         if f.status != 200:
             return None
         rp = urllib.robotparser.RobotFileParser()
-        rp.parse(f.body.decode("utf-8", "replace").splitlines())
-        delay = rp.crawl_delay(self.cfg.user_agent)
-        if delay:
+        # the stdlib parser reads whole seconds only: each Crawl-delay value is swapped for its
+        # index in `delays` (a whole number it accepts), so "Crawl-delay: 0.5" counts too
+        delays: list[float] = []
+
+        def index(m: re.Match) -> str:
+            delays.append(float(m.group(2)))
+            return f"{m.group(1)}{len(delays) - 1}"
+        rp.parse([CRAWL_DELAY_RE.sub(index, line) for line in f.body.decode("utf-8", "replace").splitlines()])
+        i = rp.crawl_delay(self.cfg.user_agent)
+        if i is not None and delays[int(i)] > 0:
             gate = self._gate(urlsplit(origin).netloc)
-            gate.interval = max(gate.interval, float(delay))
+            gate.interval = max(gate.interval, delays[int(i)])
         return rp
 
     def _gate(self, host: str) -> HostGate:

@@ -1,36 +1,57 @@
-"""Stage 4, dedup: exact duplicates by normalized-text hash, near duplicates by MinHash LSH.
+"""Stage 4, dedup: exact duplicates by normalized-text hash, near duplicates by MinHash.
 
-Near-duplicate candidates come from datasketch's MinHashLSH over word n-grams; candidate
-pairs are joined into clusters by union-find, and one document per cluster survives by a
-deterministic rule. Every row carries its cluster id and size; every dropped duplicate
-names the document it duplicates (``duplicate_of``).
+Built to stay within memory when the corpus outgrows an in-memory LSH index:
+
+1. per input shard, in worker processes: normalize each text, hash it (exact), compute its
+   MinHash signature, and write its band keys to a Parquet side file;
+2. per band, one at a time: sort the band keys of all documents (numpy) and link the documents
+   that share a key; the same for the exact hashes;
+3. clusters are the connected components of those links (scipy), and one document per cluster
+   survives by a deterministic rule (``longest``, ``oldest`` or ``first`` by doc_id);
+4. a second pass over the input writes every row with its cluster id (the survivor's doc_id)
+   and size; every dropped duplicate names the document it duplicates (``duplicate_of``).
+
+Signatures are datasketch's: ``MinHash(num_perm, seed, scheme="affine32", hashfunc=shingle_hash)``
+fed the same shingles gives the same hash values (a test checks). They are computed in bulk
+with numpy instead of one Python call per shingle, so they are several times faster.
 """
 
 from __future__ import annotations
 
 import hashlib
+import multiprocessing as mp
+import os
 import re
+import shutil
 import time
 import unicodedata
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from datasketch import MinHash, MinHashLSH
-from tqdm.auto import tqdm
-
+import pyarrow.parquet as pq
+from datasketch import MinHash
+from datasketch.minhash import _fmix
 from mlflow.entities import Param
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from tqdm.auto import tqdm
 
 from flows import tracking
 from flows.config import DedupConfig
-from tasks.shards import StageWriter, iter_rows, read_schema, read_table, with_fields
+from tasks.shards import StageWriter, fresh_tmp_dir, iter_rows, read_schema, with_fields
 from tasks.stage import stage_dir, stage_task
 
 NON_WORD_RE = re.compile(r"[^\w\s]+")
 SCHEME = "affine32"          # datasketch 2.x default, recorded so signatures stay comparable
-HASHFUNC = "sha1_hash32"     # datasketch's default shingle hash
+FOLD = 0x01000193            # shingle hash: h = h * FOLD + crc32(word), mod 2^32, over its words
+HASHFUNC = "tasks.dedup.shingle_hash (crc32 of each word, folded)"
 DEDUP_FIELDS = [pa.field("text_hash", pa.string()), pa.field("cluster_id", pa.string()),
                 pa.field("cluster_size", pa.int64())]
+CHUNK_SHINGLES = 1 << 14     # shingles permuted at once: the matrix (~7 MB) stays in cache
 
 
 def normalize(text: str) -> str:
@@ -40,15 +61,61 @@ def normalize(text: str) -> str:
 
 
 def shingles(normalized: str, n: int) -> list[bytes]:
+    """Word n-grams of a normalized text (the whole text when it has n words or fewer)."""
     words = normalized.split()
     if len(words) <= n:
         return [" ".join(words).encode()]
     return [" ".join(words[i:i + n]).encode() for i in range(len(words) - n + 1)]
 
 
+def shingle_hash(shingle: bytes) -> int:
+    """The 32-bit hash of one shingle, as datasketch's ``hashfunc``: crc32 of each word, folded."""
+    h = 0
+    for w in shingle.split(b" "):
+        h = (h * FOLD + zlib.crc32(w)) & 0xFFFFFFFF
+    return h
+
+
+def shingle_hashes(normalized: str, n: int) -> np.ndarray:
+    """``shingle_hash`` of every shingle of a normalized text, computed from its words' crc32s."""
+    w = np.fromiter(map(zlib.crc32, normalized.encode().split()), dtype=np.uint32)
+    m = len(w) - n + 1
+    if m <= 0:
+        m, n = 1, len(w)
+    h = np.zeros(m, dtype=np.uint32)
+    for k in range(n):
+        h = h * np.uint32(FOLD) + w[k:k + m]   # uint32 arithmetic wraps: mod 2^32
+    return h
+
+
+@cache
+def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    return MinHash(num_perm=num_perm, seed=seed, scheme=SCHEME).permutations
+
+
+def signatures(normalized: list[str], n: int, num_perm: int, seed: int) -> np.ndarray:
+    """MinHash signatures (one uint32 row per text), equal to datasketch's with ``shingle_hash``."""
+    a, b = permutations(num_perm, seed)
+    out = np.empty((len(normalized), num_perm), dtype=np.uint32)
+    start = 0
+    while start < len(normalized):
+        hashes, total, end = [], 0, start
+        while end < len(normalized) and (total < CHUNK_SHINGLES or end == start):
+            hashes.append(np.unique(shingle_hashes(normalized[end], n)))   # repeats cannot change a min
+            total, end = total + len(hashes[-1]), end + 1
+        hv = _fmix(np.concatenate(hashes), 32).reshape(1, -1)
+        starts = np.cumsum([0] + [len(h) for h in hashes[:-1]])
+        phv = a.reshape(-1, 1) * hv            # (num_perm, shingles): each row's min runs contiguous
+        phv += b.reshape(-1, 1)
+        out[start:end] = np.minimum.reduceat(phv, starts, axis=1).T
+        start = end
+    return out
+
+
 def lsh_params(cfg) -> tuple[int, int]:
     if cfg.bands is not None:
         return cfg.bands, cfg.rows
+    from datasketch import MinHashLSH
     lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm)
     return lsh.b, lsh.r
 
@@ -61,91 +128,114 @@ def signature_params(cfg) -> dict:
             "bands": bands, "rows": rows, "threshold_estimate": round((1 / bands) ** (1 / rows), 4)}
 
 
-class UnionFind:
-    def __init__(self, n: int):
-        self.parent = list(range(n))
-
-    def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-
-def near_duplicate_groups(texts: list[str], cfg) -> list[int]:
-    """For each normalized text, the index of its cluster's root (union-find over LSH candidates)."""
-    bands, rows = lsh_params(cfg)
-    sigs = MinHash.bulk([shingles(t, cfg.ngram) for t in texts], num_perm=cfg.num_perm,
-                        seed=cfg.seed, scheme=SCHEME)
-    lsh = MinHashLSH(num_perm=cfg.num_perm, params=(bands, rows))
-    for i, m in enumerate(sigs):
-        lsh.insert(i, m, check_duplication=False)
-    uf = UnionFind(len(texts))
-    for i, m in enumerate(tqdm(sigs, desc="dedup (lsh)", unit="doc")):
-        for j in lsh.query(m):
-            uf.union(i, j)
-    return [uf.find(i) for i in range(len(texts))]
+def shard_keys(path: str, out: str, first_row: int, cfg: DedupConfig) -> tuple[str, int]:
+    """Worker: the exact hash, length and band keys of one input shard's documents, to Parquet."""
+    t = pq.read_table(path, columns=["doc_id", "text", "fetched_at"])
+    norm = [normalize(x) for x in t["text"].to_pylist()]
+    cols = {"row": pa.array(np.arange(first_row, first_row + len(norm), dtype=np.int64)), "doc_id": t["doc_id"],
+            "fetched_at": t["fetched_at"], "length": pa.array([len(x) for x in norm], pa.int64()),
+            "text_hash": pa.array([hashlib.sha256(x.encode()).hexdigest() for x in norm])}
+    if cfg.near:
+        bands, rows = lsh_params(cfg)
+        sig = signatures(norm, cfg.ngram, cfg.num_perm, cfg.seed)
+        for k in range(bands):
+            band = np.ascontiguousarray(sig[:, k * rows:(k + 1) * rows]).view(f"V{4 * rows}").ravel()
+            cols[f"band_{k}"] = pa.FixedSizeBinaryArray.from_buffers(
+                pa.binary(4 * rows), len(band), [None, pa.py_buffer(band.tobytes())])
+    pq.write_table(pa.table(cols), out)
+    return out, len(norm)
 
 
-def _survivor(members: list[int], ids: list[str], lengths: list[int], rule: str) -> int:
-    if rule == "first":
-        return min(members, key=lambda i: ids[i])
-    return min(members, key=lambda i: (-lengths[i], ids[i]))
+def _links(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Document pairs that share a key: each document to the first one of its bucket (sorted)."""
+    order = np.argsort(keys, kind="stable")
+    sk = keys[order]
+    same = np.flatnonzero(sk[1:] == sk[:-1]) + 1          # positions equal to their predecessor
+    first = np.maximum.accumulate(np.where(np.r_[True, sk[1:] != sk[:-1]], np.arange(len(sk)), 0))
+    return order[first[same]], order[same]
+
+
+def _pool(processes: int) -> ProcessPoolExecutor:
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    return ProcessPoolExecutor(max_workers=processes, mp_context=ctx)
+
+
+def clusters(cfg: DedupConfig, docs: dict, work: Path) -> tuple[pa.Table, np.ndarray]:
+    """Side files per shard (in parallel), then links per band and components: for every input row
+    (in order) its doc_id, length, fetched_at and text hash, and its cluster label."""
+    processes = cfg.processes or os.cpu_count() or 1
+    firsts = np.cumsum([0] + [f["rows"] for f in docs["files"]])
+    with _pool(processes) as pool:
+        futures = [pool.submit(shard_keys, str(Path(docs["dir"]) / f["path"]), str(work / f"keys-{i:05d}.parquet"),
+                               int(firsts[i]), cfg) for i, f in enumerate(docs["files"])]
+        files = [f.result()[0] for f in tqdm(futures, desc="dedup (signatures)", unit="shard")]
+    meta = pa.concat_tables([pq.read_table(f, columns=["row", "doc_id", "fetched_at", "length", "text_hash"])
+                             for f in files])
+    n = meta.num_rows
+    us, vs = [], []
+    if cfg.exact:
+        hashes = np.asarray(meta["text_hash"].to_numpy(zero_copy_only=False)).astype("S64")
+        u, v = _links(hashes)
+        us.append(u), vs.append(v)
+    if cfg.near:
+        for k in tqdm(range(lsh_params(cfg)[0]), desc="dedup (bands)", unit="band"):
+            col = pa.concat_arrays([pq.read_table(f, columns=[f"band_{k}"])[f"band_{k}"].combine_chunks()
+                                    for f in files])
+            width = col.type.byte_width
+            keys = np.frombuffer(col.buffers()[1], dtype=f"V{width}", count=n, offset=col.offset * width)
+            u, v = _links(keys.view(f"S{width}"))   # bytes compare like the void keys, and sort faster
+            us.append(u), vs.append(v)
+    u, v = (np.concatenate(us), np.concatenate(vs)) if us else (np.zeros(0, int), np.zeros(0, int))
+    graph = coo_matrix((np.ones(len(u), dtype=np.int32), (u, v)), shape=(n, n)).tocsr()
+    _, labels = connected_components(graph, directed=False)
+    return meta, labels
+
+
+def survivors(meta: pa.Table, labels: np.ndarray, rule: str) -> np.ndarray:
+    """For every row, the row that survives in its cluster (deterministic: ties by doc_id)."""
+    ids = np.asarray(meta["doc_id"].to_numpy(zero_copy_only=False)).astype("S64")
+    if rule == "longest":
+        first_key = -meta["length"].to_numpy()
+    elif rule == "oldest":
+        first_key = meta["fetched_at"].cast(pa.int64()).fill_null(np.iinfo(np.int64).max).to_numpy()
+    else:  # "first": smallest doc_id
+        first_key = np.zeros(len(ids), dtype=np.int64)
+    order = np.lexsort((ids, first_key, labels))           # by cluster, then the rule, then doc_id
+    sl = labels[order]
+    starts = np.flatnonzero(np.r_[True, sl[1:] != sl[:-1]])  # the first row of each cluster wins
+    best = np.empty(labels.max() + 1 if len(labels) else 0, dtype=np.int64)
+    best[sl[starts]] = order[starts]
+    return best[labels]
 
 
 def dedup(cfg, docs: dict, stage_dir: str | Path) -> dict:
     """Run the dedup stage over the filter manifest ``docs``; returns its manifest."""
     t0 = time.time()
-    table = read_table(docs, columns=["doc_id", "text"])
-    order = np.argsort(np.asarray(table["doc_id"].to_pylist(), dtype=object), kind="stable")
-    ids = [table["doc_id"][int(i)].as_py() for i in order]
-    norm = [normalize(table["text"][int(i)].as_py()) for i in order]
-    lengths = [len(t) for t in norm]
-    hashes = [hashlib.sha256(t.encode()).hexdigest() for t in norm]
-    del table
-
-    # exact: group identical normalized texts; near: group exact survivors by LSH
-    groups: dict[int, list[int]] = {}
-    exact_root: dict[str, int] = {}
-    for i, h in enumerate(hashes):
-        root = exact_root.setdefault(h, i) if cfg.exact else i
-        groups.setdefault(root, []).append(i)
-    reps = sorted(groups)
-    near = near_duplicate_groups([norm[i] for i in reps], cfg) if cfg.near and reps else list(range(len(reps)))
-
-    clusters: dict[int, list[int]] = {}
-    for k, rep in enumerate(reps):
-        clusters.setdefault(reps[near[k]], []).extend(groups[rep])
-    info: dict[str, tuple[str, int, str]] = {}   # doc_id -> (cluster_id, size, reason)
-    for members in clusters.values():
-        keep = _survivor(members, ids, lengths, cfg.survivor)
-        for i in members:
-            if i == keep:
-                reason = ""
-            else:
-                reason = "exact_duplicate" if hashes[i] == hashes[keep] else "near_duplicate"
-            info[ids[i]] = (ids[keep], len(members), reason)
-    text_hash = dict(zip(ids, hashes))
+    work = fresh_tmp_dir(Path(stage_dir).with_name(Path(stage_dir).name + "-keys"))
+    try:
+        meta, labels = clusters(cfg, docs, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    keep = survivors(meta, labels, cfg.survivor)
+    sizes = np.bincount(labels)[labels] if len(labels) else labels
+    ids = meta["doc_id"].to_pylist()
+    hashes = meta["text_hash"].to_pylist()
+    del meta
 
     schema = with_fields(read_schema(docs), DEDUP_FIELDS)
     dropped_schema = with_fields(schema, [pa.field("duplicate_of", pa.string()), pa.field("reason", pa.string())])
     with StageWriter("dedup", stage_dir, schema, dropped_schema) as w:
-        for doc in tqdm(iter_rows(docs), total=docs["rows"], desc="dedup", unit="doc"):
-            cluster_id, size, reason = info[doc["doc_id"]]
-            row = {**doc, "text_hash": text_hash[doc["doc_id"]], "cluster_id": cluster_id, "cluster_size": size}
-            if reason:
-                w.drop({**row, "duplicate_of": cluster_id}, reason)
-            else:
+        for i, doc in enumerate(tqdm(iter_rows(docs), total=docs["rows"], desc="dedup", unit="doc")):
+            s = int(keep[i])
+            row = {**doc, "text_hash": hashes[i], "cluster_id": ids[s], "cluster_size": int(sizes[i])}
+            if s == i:
                 w.keep(row)
+            else:
+                exact = cfg.exact and hashes[i] == hashes[s]
+                w.drop({**row, "duplicate_of": ids[s]}, "exact_duplicate" if exact else "near_duplicate")
         w.extra = {"seconds": round(time.time() - t0, 3), "input_rows": docs["rows"],
-                   "clusters": len(clusters), "minhash": signature_params(cfg)}
+                   "clusters": int(len(np.unique(labels))), "minhash": signature_params(cfg)}
     return w.manifest
-
 
 
 @stage_task("dedup")

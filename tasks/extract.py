@@ -19,7 +19,7 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from html import unescape
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 from urllib.parse import urlsplit
 
 import pyarrow as pa
@@ -27,7 +27,7 @@ import trafilatura
 from tqdm.auto import tqdm
 
 from flows.config import ExtractConfig
-from tasks.shards import StageWriter, iter_rows
+from tasks.shards import StageWriter, follow_rows, iter_rows
 from tasks.stage import stage_dir, stage_task
 
 log = logging.getLogger(__name__)
@@ -92,9 +92,9 @@ def extract_batch(pages: list[tuple[str, str]], opts: dict, timeout_s: float) ->
     return out
 
 
-def _batches(pages: dict) -> Iterator[list[dict]]:
+def _batches(pages: Iterable[dict]) -> Iterator[list[dict]]:
     batch: list[dict] = []
-    for page in iter_rows(pages):
+    for page in pages:
         batch.append(page)
         if len(batch) == BATCH:
             yield batch
@@ -109,19 +109,25 @@ def _pool(processes: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(max_workers=processes, mp_context=ctx)
 
 
-def extract(cfg: ExtractConfig, pages: dict, stage_dir: str | Path) -> dict:
-    """Run the extract stage over the collect manifest ``pages``; returns its manifest."""
+def extract(cfg: ExtractConfig, pages: dict | Iterable[dict], stage_dir: str | Path) -> dict:
+    """Run the extract stage over the collect manifest ``pages``, or over collected rows as they
+    come (``follow_rows`` of a collect still running); returns its manifest."""
     t0 = time.time()
     opts = {"favor_precision": cfg.favor_precision, "favor_recall": cfg.favor_recall,
             "include_tables": cfg.include_tables, "include_comments": cfg.include_comments,
             "with_metadata": cfg.with_metadata}
     processes = cfg.processes or os.cpu_count() or 1
+    total = pages["rows"] if isinstance(pages, dict) else None
+    rows = iter_rows(pages) if isinstance(pages, dict) else pages
     with StageWriter("extract", stage_dir, DOC_SCHEMA) as w, _pool(processes) as pool, \
-            tqdm(total=pages["rows"], desc="extract", unit="page") as bar:
+            tqdm(total=total, desc="extract", unit="page") as bar:
         in_flight: deque = deque()
+        seen = 0
 
         def drain_one() -> None:
+            nonlocal seen
             batch, future = in_flight.popleft()
+            seen += len(batch)
             for page, (status, value) in zip(batch, future.result()):
                 row = {k: page[k] for k in ("doc_id", "source", "url", "fetched_at", "content_sha256")}
                 row.update({k: None for k in META}, text=None)
@@ -136,17 +142,19 @@ def extract(cfg: ExtractConfig, pages: dict, stage_dir: str | Path) -> dict:
                     w.drop(row, status)
             bar.update(len(batch))
 
-        for batch in _batches(pages):  # bounded read-ahead keeps memory flat, output stays in order
+        for batch in _batches(rows):  # bounded read-ahead keeps memory flat, output stays in order
             html = [(p["html"] if p["content_type"] != "text/plain" else "", p["url"]) for p in batch]
             in_flight.append((batch, pool.submit(extract_batch, html, opts, cfg.timeout_s)))
             if len(in_flight) >= 2 * processes:
                 drain_one()
         while in_flight:
             drain_one()
-        w.extra = {"seconds": round(time.time() - t0, 3), "input_rows": pages["rows"], "processes": processes}
+        w.extra = {"seconds": round(time.time() - t0, 3), "input_rows": seen, "processes": processes}
     return w.manifest
 
 
 @stage_task("extract")
-def extract_task(ctx: dict, section: dict, inputs: list[dict], run_id: str) -> dict:
-    return extract(ExtractConfig.model_validate(section), inputs[0], stage_dir(ctx, "extract"))
+def extract_task(ctx: dict, section: dict, inputs: list[dict], run_id: str, follow: dict | None = None) -> dict:
+    """Extract main text; the flow runs it beside collect, following collect's shards as they come."""
+    pages = follow_rows(stage_dir(ctx, follow["stage"]), follow["state"]) if follow else inputs[0]
+    return extract(ExtractConfig.model_validate(section), pages, stage_dir(ctx, "extract"))

@@ -7,6 +7,7 @@ http(s) and s3 URLs all work, gzipped or not.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import io
@@ -25,12 +26,23 @@ HTML_TYPES = ("text/html", "application/xhtml+xml")
 LATIN = {"iso-8859-1", "latin-1", "latin1", "windows-1252", "cp1252", "us-ascii", "ascii"}
 
 
+def is_utf16(body: bytes, declared: str | None) -> bool:
+    """UTF-16 text (byte-order mark, or the label) is full of NUL bytes without being binary."""
+    return body[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) or \
+        (declared or "").strip().lower().startswith("utf-16")
+
+
 def decode_body(body: bytes, declared: str | None) -> str:
     """Decode a page, trusting its declared charset only when the bytes agree with it.
 
     Pages often lie: a Latin-1 label on UTF-8 bytes, a UTF-8 label on Windows-1252 bytes, or
-    no label at all. Raises UnicodeDecodeError when no encoding fits.
+    no label at all. A byte-order mark wins over the label. Raises UnicodeDecodeError when no
+    encoding fits.
     """
+    if body[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+        return body.decode("utf-16")
+    if body.startswith(codecs.BOM_UTF8):
+        return body[3:].decode("utf-8")
     declared = (declared or "").strip().lower() or None
     if declared in LATIN or declared is None:
         try:  # valid UTF-8 with non-ASCII bytes is almost never anything else

@@ -8,6 +8,7 @@ disk. Stages pass the manifest (files, row counts, digests, counts by reason), n
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import json
@@ -16,7 +17,7 @@ import shutil
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -109,6 +110,9 @@ class StageWriter:
         self.reasons: Counter[str] = Counter()
         self.extra: dict[str, Any] = {}
         self.resume, self.flush_every_s, self.last_flush = resume, flush_every_s, time.monotonic()
+        # the first shards come sooner (0.25 s, doubling up to flush_every_s): a stage that
+        # follows this one (extract follows collect) gets work early in a short crawl too
+        self.interval = min(0.25, flush_every_s or 0.0)
 
     def __enter__(self) -> "StageWriter":
         stale = sorted(self.final.parent.glob(f".{self.final.name}.tmp-*"), key=lambda p: p.stat().st_mtime)
@@ -147,13 +151,15 @@ class StageWriter:
         self.buffers[kind].append(row)
         if len(self.buffers[kind]) >= self.shard_rows:
             self._flush(kind)
-        elif self.flush_every_s is not None and time.monotonic() - self.last_flush > self.flush_every_s:
+        elif self.flush_every_s is not None and time.monotonic() - self.last_flush > self.interval:
             for k in ("kept", "dropped"):
                 if self.buffers[k]:
                     self._flush(k)
 
     def _flush(self, kind: str) -> None:
         self.last_flush = time.monotonic()
+        if self.flush_every_s is not None:
+            self.interval = min(2 * self.interval, self.flush_every_s)
         rows = self.buffers[kind]
         if not rows and self.files[kind]:
             return
@@ -203,6 +209,44 @@ def iter_rows(manifest: dict, columns: list[str] | None = None,
         pf = pq.ParquetFile(Path(manifest["dir"]) / f["path"])
         for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
             yield from batch.to_pylist()
+
+
+def follow_rows(stage_dir: str | os.PathLike, state: Callable[[], str | None],
+                columns: list[str] | None = None, poll_s: float = 0.2) -> Iterator[dict]:
+    """The kept rows of a stage that another task is still writing, shard by shard as each is
+    committed to its temporary folder, then the rest from its manifest once it is published.
+
+    ``state()`` tells how the writer stands: None while it runs, then "completed" or "failed".
+    A manifest older than the call is a stale earlier result and is ignored while the writer runs.
+    """
+    final, started, n = Path(stage_dir), time.time(), 0
+    while True:
+        st = state()
+        m = read_manifest(final)
+        if m and (st == "completed" or (final / MANIFEST).stat().st_mtime >= started):
+            for f in m["files"][n:]:
+                yield from pq.read_table(final / f["path"], columns=columns).to_pylist()
+            return
+        if st is not None:
+            raise RuntimeError(f"{final.name}: the stage being followed ended ({st}) without publishing its output")
+        parts: list[Path] = []
+        with contextlib.suppress(FileNotFoundError):  # the folder is renamed once the writer finishes
+            tmp = max(final.parent.glob(f".{final.name}.tmp-*"), key=lambda p: p.stat().st_mtime, default=None)
+            parts = sorted(tmp.glob("part-*.parquet"))[n:] if tmp else []
+        for part in parts:
+            try:
+                rows = pq.read_table(part, columns=columns).to_pylist()
+            except FileNotFoundError:
+                break
+            n += 1
+            yield from rows
+        if not parts:
+            time.sleep(poll_s)
+
+
+def future_state(future: concurrent.futures.Future) -> Callable[[], str | None]:
+    """``follow_rows``'s ``state`` for a writer running in a thread or process pool."""
+    return lambda: None if not future.done() else "failed" if future.exception() else "completed"
 
 
 def read_table(manifest: dict, dropped: bool = False, columns: list[str] | None = None) -> pa.Table:

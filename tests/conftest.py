@@ -55,3 +55,22 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 60
     full_env.setdefault("PREFECT_HOME", str(cwd / ".prefect"))
     return subprocess.run([str(BIN / "ssl-pipeline"), *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def stages(tmp_path_factory, site_url):
+    """collect -> extract -> filter (demo profile) -> dedup -> tokenize over the test site."""
+    from flows.config import CollectConfig, DedupConfig, ExtractConfig, TokenizeConfig, load_config
+    from tasks.collect import collect
+    from tasks.dedup import dedup
+    from tasks.extract import extract
+    from tasks.filter import filter_docs
+    from tasks.tokenize import tokenize
+    demo = load_config(ROOT / "flows/profiles/demo.yaml")
+    d = tmp_path_factory.mktemp("stages")
+    out = {"collect": collect(CollectConfig(allow_private=["127.0.0.1/32"]), d / "collect", start_urls=[site_url])}
+    out["extract"] = extract(ExtractConfig(), out["collect"], d / "extract")
+    out["filter"] = filter_docs(demo.filter, out["extract"], d / "filter")
+    out["dedup"] = dedup(DedupConfig(), out["filter"], d / "dedup")
+    out["tokenize"] = tokenize(TokenizeConfig(vocab_size=1024), out["dedup"], d / "tokenize")
+    return out

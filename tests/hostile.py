@@ -80,6 +80,8 @@ class Hostile(http.server.BaseHTTPRequestHandler):
                 self.send(200, page, "text/html; charset=iso-8859-1")
             elif path == "/utf8-label.html":         # Windows-1252 bytes labelled UTF-8
                 self.send(200, page.decode("utf-8").encode("cp1252", "xmlcharrefreplace"))
+            elif path == "/utf16.html":              # UTF-16 with a byte-order mark, no charset label
+                self.send(200, page.decode("utf-8").encode("utf-16"), "text/html")
             elif path == "/invalid-utf8.html":       # mostly UTF-8 with stray invalid bytes
                 self.send(200, page.replace(b"heap", b"he\xff\xfeap", 3))
             elif path == "/loop-a.html":
@@ -109,7 +111,8 @@ class Hostile(http.server.BaseHTTPRequestHandler):
 
 
 EXPECTED = {
-    "ok.html": None, "latin1-label.html": None, "utf8-label.html": None, "invalid-utf8.html": None,
+    "ok.html": None, "latin1-label.html": None, "utf8-label.html": None, "utf16.html": None,
+    "invalid-utf8.html": None,
     "flapping.html": None, "rate-limited.html": None,
     "slow-drip.html": "timeout", "endless.html": "too_large", "gzip-bomb.html": "too_large",
     "binary.html": "not_html", "image.png": "not_html", "loop-a.html": "redirect_loop",

@@ -40,7 +40,7 @@ def test_private_addresses_are_refused_before_any_connection(hostile):
 
 
 def test_lying_charsets_are_decoded_right(hostile):
-    for path in ("ok.html", "latin1-label.html", "utf8-label.html"):
+    for path in ("ok.html", "latin1-label.html", "utf8-label.html", "utf16.html"):
         assert "François Pinard" in hostile["kept"][hostile["base"] + path], path
     assert "heapq" in hostile["kept"][hostile["base"] + "invalid-utf8.html"]
 

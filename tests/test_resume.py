@@ -134,7 +134,9 @@ def test_unchanged_warc_is_not_read_again(tmp_path, site_dir):
 def test_crawl_delay_spaces_requests_to_a_host(tmp_path, site_dir):
     site = tmp_path / "site"
     shutil.copytree(site_dir, site)
-    (site / "robots.txt").write_text("User-agent: *\nCrawl-delay: 1\n")
+    # fractional, as sites write it (Python's robots parser alone reads whole seconds only);
+    # the group for another crawler does not apply to ours
+    (site / "robots.txt").write_text("User-agent: otherbot\nCrawl-delay: 5\n\nUser-agent: *\nCrawl-delay: 0.6\n")
     server, hits = counting_server(site)
     url = f"http://127.0.0.1:{server.server_port}/"
     (tmp_path / "urls.txt").write_text("".join(f"{url}{p}.html\n" for p in ("json", "csv", "heapq", "bisect")))
@@ -145,7 +147,7 @@ def test_crawl_delay_spaces_requests_to_a_host(tmp_path, site_dir):
     assert m["rows"] == 4
     times = [t for t, path in hits.times if path.endswith(".html")]
     gaps = [b - a for a, b in zip(times, times[1:])]
-    assert len(gaps) == 3 and min(gaps) > 0.9, gaps
+    assert len(gaps) == 3 and 0.55 < min(gaps) and max(gaps) < 3, gaps
 
 
 def test_warc_over_http(tmp_path, site_dir):

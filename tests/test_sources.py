@@ -5,7 +5,10 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,6 +21,7 @@ from flows.config import CollectConfig, TableSource
 from tasks.collect import collect
 from tasks.pydoc_site import serve
 from tasks.shards import read_table
+from tests.conftest import ROOT
 
 PAGES = ["json.html", "csv.html", "heapq.html", "textwrap.html", "bisect.html"]
 
@@ -146,3 +150,19 @@ def test_sitemap_index_leads_to_its_pages(tmp_path, site_dir):
     got = sorted(r["url"].rsplit("/", 1)[1] for r in read_table(m).to_pylist())
     assert got == sorted(PAGES)                       # listed pages only: sitemap pages are not crawled further
     assert {r["source"] for r in read_table(m).to_pylist()} == {f"sitemap:{url}sitemap.xml"}
+
+
+def test_warc_on_s3_through_a_local_s3_server(tmp_path, site_dir):
+    # moto's S3 server on 127.0.0.1, inside a namespace with only loopback: a client that
+    # ignored the endpoint would find no route to AWS
+    out = tmp_path / "s3.json"
+    proc = subprocess.run(["unshare", "-n", sys.executable, "-m", "tests.s3_source", str(site_dir), str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert [u.rsplit("/", 1)[1] for u in r["kept"]] == PAGES
+    assert r["sources"] == ["warc:s3://corpus/cc/crawl.warc.gz"]
+    assert r["reasons"] == {"http_404": 1, "not_html": 1}
+    assert "ETag" in r["signatures"]["warc:s3://corpus/cc/crawl.warc.gz"]
+    assert r["second_unchanged"] == len(PAGES) + 2 and r["second_rows"] == len(PAGES)   # not read again
