@@ -8,9 +8,9 @@ On the rendered pydoc site (real text), in one run:
                same docs, same num_perm, one process; interleaved rounds, median of ratios
   quality      precision and recall of the dedup stage at its defaults on pairs of known
                Jaccard (bench/neardup.py): pairs >= 0.8 against pairs < 0.5
-  memory       peak RSS of the dedup stage (all its processes) on corpora of N/4 and N distinct
-               documents, the slope per million documents, and, for comparison, datasketch's
-               in-memory MinHashLSH holding the same N/4 documents' signatures
+  memory       peak RSS the dedup stage adds on corpora of N/4 and N distinct documents, the
+               slope per million documents, and, for comparison, what datasketch's in-memory
+               MinHashLSH adds holding the same N/4 documents
 Prints JSON and writes it to --out.
 """
 
@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import random
 import resource
 import statistics
 import subprocess
@@ -35,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import datasketch  # noqa: E402
+import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 from datasketch import MinHash  # noqa: E402
 
@@ -101,59 +101,79 @@ def bench_quality(texts: list[str], work: Path) -> dict:
 
 def synthetic(texts: list[str], n: int, seed: int = 0) -> list[str]:
     """n distinct documents of ~400 real words: windows with 30 % of words swapped at random."""
-    rng = random.Random(seed)
-    wins = list(neardup.windows(texts))
-    vocab = [w for win in wins for w in win]
+    rng = np.random.default_rng(seed)
+    wins = [np.array(w, dtype=object) for w in neardup.windows(texts)]
+    vocab = np.concatenate(wins)
     out = []
     for i in range(n):
         win = wins[i % len(wins)]
-        out.append(" ".join(rng.choice(vocab) if rng.random() < 0.3 else w for w in win))
+        swap = rng.random(len(win)) < 0.3
+        out.append(" ".join(np.where(swap, vocab[rng.integers(0, len(vocab), len(win))], win)))
     return out
 
 
-def peak_rss_mb(code: str) -> float:
-    """Peak resident memory of a fresh Python running ``code``, its child processes included."""
-    r = subprocess.run([sys.executable, "-c", code + "\nimport resource, json\n"
-                        "print(json.dumps(max(resource.getrusage(w).ru_maxrss for w in "
-                        "(resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024))"],
-                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+SAMPLER = """
+import json, resource, threading, time
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+peak, done = [rss_mb()], threading.Event()
+def sample():
+    while not done.is_set():
+        peak.append(max(peak[-1], rss_mb()))
+        time.sleep(0.005)
+threading.Thread(target=sample, daemon=True).start()
+"""
+
+
+def peak_rss_mb(setup: str, run: str) -> dict:
+    """Resident memory of a fresh Python after ``setup`` (imports, inputs), its peak while
+    ``run`` runs (sampled every 5 ms), and the largest peak of its worker processes (forked:
+    their figure includes pages shared with the parent)."""
+    code = (f"{setup}\n{SAMPLER}\nbefore = peak[0]\n{run}\ndone.set()\n"
+            "print(json.dumps([before, max(peak[-1], rss_mb()),"
+            " resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"})
     if r.returncode:
         raise RuntimeError(r.stderr[-3000:])
-    return float(r.stdout.strip().splitlines()[-1])
+    before, after, children = json.loads(r.stdout.strip().splitlines()[-1])
+    return {"setup_mb": round(before, 1), "peak_mb": round(after, 1), "added_mb": round(after - before, 1),
+            "largest_worker_mb": round(children, 1)}
 
 
 def bench_memory(texts: list[str], n: int, work: Path) -> dict:
+    """The dedup stage's peak memory on n/4 and n distinct documents, and datasketch's
+    in-memory MinHashLSH holding the n/4 documents' signatures (computed in batches, not held)."""
     sizes = [n // 4, n]
-    res = {}
+    out: dict = {"docs": sizes}
     for size in sizes:
         manifest = doc_table(synthetic(texts, size), work / f"syn-{size}")
         (work / f"syn-{size}.json").write_text(json.dumps(manifest))
         t0 = time.perf_counter()
-        res[size] = peak_rss_mb(
-            "import json, os; os.environ['TQDM_DISABLE'] = '1'\n"
-            "from flows.config import DedupConfig; from tasks.dedup import dedup\n"
-            f"dedup(DedupConfig(), json.load(open({str(work / f'syn-{size}.json')!r})), {str(work / f'syn-{size}-d')!r})")
-        res[f"{size}_seconds"] = round(time.perf_counter() - t0, 1)
-    small = sizes[0]
-    lsh = peak_rss_mb(
-        "import json, os\n"
-        "from datasketch import MinHash, MinHashLSH\n"
-        "from tasks.dedup import normalize, signatures\n"
-        "from tasks.shards import iter_rows\n"
-        f"m = json.load(open({str(work / f'syn-{small}.json')!r}))\n"
-        "lsh = MinHashLSH(num_perm=112, params=(14, 8))\n"
-        "rows = [normalize(r['text']) for r in iter_rows(m, columns=['text'])]\n"
-        "for i in range(0, len(rows), 5000):\n"
-        "    sig = signatures(rows[i:i + 5000], 5, 112, 1)\n"
-        "    for k, s in enumerate(sig):\n"
-        "        lsh.insert(i + k, MinHash(num_perm=112, hashvalues=s, scheme='affine32'), check_duplication=False)\n"
-        "del rows\n")
-    baseline = peak_rss_mb("import tasks.dedup")
-    slope = (res[n] - res[small]) / (n - small) * 1e6
-    return {"docs": sizes, "peak_rss_mb": [res[s] for s in sizes], "seconds": [res[f"{s}_seconds"] for s in sizes],
-            "python_with_imports_mb": baseline, "peak_mb_per_million_docs": round(slope, 1),
-            "datasketch_minhashlsh_peak_rss_mb": lsh,
-            "datasketch_minhashlsh_mb_per_million_docs": round((lsh - baseline) / small * 1e6, 1)}
+        out[size] = peak_rss_mb(
+            "import json\nfrom flows.config import DedupConfig\nfrom tasks.dedup import dedup\n"
+            f"m = json.load(open({str(work / f'syn-{size}.json')!r}))",
+            f"dedup(DedupConfig(), m, {str(work / f'syn-{size}-d')!r})")
+        out[size]["seconds"] = round(time.perf_counter() - t0, 1)
+        out[size]["docs_per_s"] = round(size / out[size]["seconds"], 1)
+    out["added_mb_per_million_docs"] = round((out[n]["added_mb"] - out[sizes[0]]["added_mb"]) / (n - sizes[0]) * 1e6, 1)
+    out["datasketch_minhashlsh"] = peak_rss_mb(
+        "import json\nfrom datasketch import MinHash, MinHashLSH\nfrom tasks.dedup import normalize, signatures\n"
+        f"from tasks.shards import iter_rows\nm = json.load(open({str(work / f'syn-{sizes[0]}.json')!r}))",
+        "lsh = MinHashLSH(num_perm=112, params=(14, 8))\nbatch = []\n"
+        "def flush(start):\n"
+        "    for k, s in enumerate(signatures(batch, 5, 112, 1)):\n"
+        "        lsh.insert(start + k, MinHash(num_perm=112, hashvalues=s, scheme='affine32'), check_duplication=False)\n"
+        "for i, r in enumerate(iter_rows(m, columns=['text'])):\n"
+        "    batch.append(normalize(r['text']))\n"
+        "    if len(batch) == 2000:\n"
+        "        flush(i + 1 - len(batch)); batch = []\n"
+        "flush(m['rows'] - len(batch))")
+    out["datasketch_minhashlsh"]["docs"] = sizes[0]
+    out["datasketch_minhashlsh_added_mb_per_million_docs"] = round(
+        out["datasketch_minhashlsh"]["added_mb"] / sizes[0] * 1e6, 1)
+    return out
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from datasketch import MinHash
 from datasketch.minhash import _fmix
@@ -42,7 +43,7 @@ from tqdm.auto import tqdm
 
 from flows import tracking
 from flows.config import DedupConfig
-from tasks.shards import StageWriter, fresh_tmp_dir, iter_rows, read_schema, with_fields
+from tasks.shards import StageWriter, fresh_tmp_dir, read_schema, with_fields
 from tasks.stage import stage_dir, stage_task
 
 NON_WORD_RE = re.compile(r"[^\w\s]+")
@@ -146,13 +147,15 @@ def shard_keys(path: str, out: str, first_row: int, cfg: DedupConfig) -> tuple[s
     return out, len(norm)
 
 
-def _links(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Document pairs that share a key: each document to the first one of its bucket (sorted)."""
+def _bucket_first(keys: np.ndarray) -> np.ndarray:
+    """For every row, the first row (in sorted order) of the rows that share its key."""
     order = np.argsort(keys, kind="stable")
     sk = keys[order]
-    same = np.flatnonzero(sk[1:] == sk[:-1]) + 1          # positions equal to their predecessor
-    first = np.maximum.accumulate(np.where(np.r_[True, sk[1:] != sk[:-1]], np.arange(len(sk)), 0))
-    return order[first[same]], order[same]
+    starts = np.r_[True, sk[1:] != sk[:-1]]
+    del sk
+    first = np.empty(len(keys), dtype=np.int64)
+    first[order] = order[np.maximum.accumulate(np.where(starts, np.arange(len(keys)), 0))]
+    return first
 
 
 def _pool(processes: int) -> ProcessPoolExecutor:
@@ -160,52 +163,63 @@ def _pool(processes: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(max_workers=processes, mp_context=ctx)
 
 
-def clusters(cfg: DedupConfig, docs: dict, work: Path) -> tuple[pa.Table, np.ndarray]:
-    """Side files per shard (in parallel), then links per band and components: for every input row
-    (in order) its doc_id, length, fetched_at and text hash, and its cluster label."""
+def side_files(cfg: DedupConfig, docs: dict, work: Path) -> list[str]:
+    """One side file per input shard (hash, length, band keys), computed in worker processes."""
     processes = cfg.processes or os.cpu_count() or 1
     firsts = np.cumsum([0] + [f["rows"] for f in docs["files"]])
     with _pool(processes) as pool:
         futures = [pool.submit(shard_keys, str(Path(docs["dir"]) / f["path"]), str(work / f"keys-{i:05d}.parquet"),
                                int(firsts[i]), cfg) for i, f in enumerate(docs["files"])]
-        files = [f.result()[0] for f in tqdm(futures, desc="dedup (signatures)", unit="shard")]
-    meta = pa.concat_tables([pq.read_table(f, columns=["row", "doc_id", "fetched_at", "length", "text_hash"])
-                             for f in files])
-    n = meta.num_rows
-    us, vs = [], []
+        return [f.result()[0] for f in tqdm(futures, desc="dedup (signatures)", unit="shard")]
+
+
+def _column(files: list[str], name: str) -> pa.Array:
+    return pa.concat_arrays([pq.read_table(f, columns=[name])[name].combine_chunks() for f in files])
+
+
+def clusters(cfg: DedupConfig, files: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(cluster label, first row with the same text hash) of every row. Links come one band at a
+    time from sorted keys, so memory holds a few numbers per document, never an index."""
+    hashes = np.asarray(_column(files, "text_hash").to_numpy(zero_copy_only=False)).astype("S64")
+    n = len(hashes)
+    same_text = _bucket_first(hashes)
+    del hashes
+    pairs = np.zeros(0, dtype=np.int64)   # link (a, b) coded as a * n + b
+
+    def add(first: np.ndarray) -> np.ndarray:
+        rows = np.flatnonzero(first != np.arange(n))
+        return np.unique(np.concatenate([pairs, first[rows] * n + rows]))
     if cfg.exact:
-        hashes = np.asarray(meta["text_hash"].to_numpy(zero_copy_only=False)).astype("S64")
-        u, v = _links(hashes)
-        us.append(u), vs.append(v)
+        pairs = add(same_text)
     if cfg.near:
         for k in tqdm(range(lsh_params(cfg)[0]), desc="dedup (bands)", unit="band"):
-            col = pa.concat_arrays([pq.read_table(f, columns=[f"band_{k}"])[f"band_{k}"].combine_chunks()
-                                    for f in files])
+            col = _column(files, f"band_{k}")
             width = col.type.byte_width
-            keys = np.frombuffer(col.buffers()[1], dtype=f"V{width}", count=n, offset=col.offset * width)
-            u, v = _links(keys.view(f"S{width}"))   # bytes compare like the void keys, and sort faster
-            us.append(u), vs.append(v)
-    u, v = (np.concatenate(us), np.concatenate(vs)) if us else (np.zeros(0, int), np.zeros(0, int))
-    graph = coo_matrix((np.ones(len(u), dtype=np.int32), (u, v)), shape=(n, n)).tocsr()
-    _, labels = connected_components(graph, directed=False)
-    return meta, labels
+            keys = np.frombuffer(col.buffers()[1], dtype=f"S{width}", count=n, offset=col.offset * width)
+            pairs = add(_bucket_first(keys))
+            del col, keys
+    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs // max(n, 1), pairs % max(n, 1))), shape=(n, n))
+    _, labels = connected_components(graph.tocsr(), directed=False)
+    return labels, same_text
 
 
-def survivors(meta: pa.Table, labels: np.ndarray, rule: str) -> np.ndarray:
-    """For every row, the row that survives in its cluster (deterministic: ties by doc_id)."""
-    ids = np.asarray(meta["doc_id"].to_numpy(zero_copy_only=False)).astype("S64")
+def survivors(files: list[str], labels: np.ndarray, rule: str) -> tuple[np.ndarray, pa.Array]:
+    """For every row, the row that survives in its cluster (ties by smallest doc_id); and the doc_ids."""
+    ids = _column(files, "doc_id")
     if rule == "longest":
-        first_key = -meta["length"].to_numpy()
+        first_key = -_column(files, "length").to_numpy()
     elif rule == "oldest":
-        first_key = meta["fetched_at"].cast(pa.int64()).fill_null(np.iinfo(np.int64).max).to_numpy()
+        first_key = _column(files, "fetched_at").cast(pa.int64()).fill_null(np.iinfo(np.int64).max).to_numpy()
     else:  # "first": smallest doc_id
         first_key = np.zeros(len(ids), dtype=np.int64)
-    order = np.lexsort((ids, first_key, labels))           # by cluster, then the rule, then doc_id
+    id_rank = pc.rank(ids, sort_keys="ascending", tiebreaker="first").to_numpy()
+    order = np.lexsort((id_rank, first_key, labels))       # by cluster, then the rule, then doc_id
+    del id_rank, first_key
     sl = labels[order]
     starts = np.flatnonzero(np.r_[True, sl[1:] != sl[:-1]])  # the first row of each cluster wins
     best = np.empty(labels.max() + 1 if len(labels) else 0, dtype=np.int64)
     best[sl[starts]] = order[starts]
-    return best[labels]
+    return best[labels], ids
 
 
 def dedup(cfg, docs: dict, stage_dir: str | Path) -> dict:
@@ -213,28 +227,36 @@ def dedup(cfg, docs: dict, stage_dir: str | Path) -> dict:
     t0 = time.time()
     work = fresh_tmp_dir(Path(stage_dir).with_name(Path(stage_dir).name + "-keys"))
     try:
-        meta, labels = clusters(cfg, docs, work)
+        files = side_files(cfg, docs, work)
+        labels, same_text = clusters(cfg, files)
+        keep, ids = survivors(files, labels, cfg.survivor)
+        sizes = np.bincount(labels) if len(labels) else labels
+        schema = with_fields(read_schema(docs), DEDUP_FIELDS)
+        dropped_schema = with_fields(schema, [pa.field("duplicate_of", pa.string()), pa.field("reason", pa.string())])
+        with StageWriter("dedup", stage_dir, schema, dropped_schema) as w, \
+                tqdm(total=docs["rows"], desc="dedup", unit="doc") as bar:
+            i = 0   # the input row; side files hold the same rows in the same order
+            for shard, side in zip(docs["files"], files):
+                pf = pq.ParquetFile(Path(docs["dir"]) / shard["path"])
+                first = i
+                text_hash = pq.read_table(side, columns=["text_hash"])["text_hash"].to_pylist()
+                cluster_id = ids.take(pa.array(keep[first:first + pf.metadata.num_rows])).to_pylist()
+                for batch in pf.iter_batches(batch_size=256):
+                    for doc in batch.to_pylist():
+                        s, j = int(keep[i]), i - first
+                        row = {**doc, "text_hash": text_hash[j], "cluster_id": cluster_id[j],
+                               "cluster_size": int(sizes[labels[i]])}
+                        if s == i:
+                            w.keep(row)
+                        else:
+                            exact = cfg.exact and same_text[i] == same_text[s]
+                            w.drop({**row, "duplicate_of": cluster_id[j]}, "exact_duplicate" if exact else "near_duplicate")
+                        i += 1
+                    bar.update(batch.num_rows)
+            w.extra = {"seconds": round(time.time() - t0, 3), "input_rows": docs["rows"],
+                       "clusters": int(np.count_nonzero(sizes)), "minhash": signature_params(cfg)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    keep = survivors(meta, labels, cfg.survivor)
-    sizes = np.bincount(labels)[labels] if len(labels) else labels
-    ids = meta["doc_id"].to_pylist()
-    hashes = meta["text_hash"].to_pylist()
-    del meta
-
-    schema = with_fields(read_schema(docs), DEDUP_FIELDS)
-    dropped_schema = with_fields(schema, [pa.field("duplicate_of", pa.string()), pa.field("reason", pa.string())])
-    with StageWriter("dedup", stage_dir, schema, dropped_schema) as w:
-        for i, doc in enumerate(tqdm(iter_rows(docs), total=docs["rows"], desc="dedup", unit="doc")):
-            s = int(keep[i])
-            row = {**doc, "text_hash": hashes[i], "cluster_id": ids[s], "cluster_size": int(sizes[i])}
-            if s == i:
-                w.keep(row)
-            else:
-                exact = cfg.exact and hashes[i] == hashes[s]
-                w.drop({**row, "duplicate_of": ids[s]}, "exact_duplicate" if exact else "near_duplicate")
-        w.extra = {"seconds": round(time.time() - t0, 3), "input_rows": docs["rows"],
-                   "clusters": int(len(np.unique(labels))), "minhash": signature_params(cfg)}
     return w.manifest
 
 
