@@ -7,7 +7,7 @@ PREFECT_PORT ?= 4200
 MLFLOW_PORT  ?= 5000
 SERVICES_ENV := PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT)
 
-.PHONY: install demo test services stop clean
+.PHONY: install demo test services stop clean bench-datatrove-env
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,12 @@ test: install
 
 stop:
 	$(BIN)/python -m infra.services stop
+
+# datatrove for bench/datatrove_compare.py only, in a virtual environment of its own
+bench-datatrove-env:
+	$(PYTHON) -m venv bench/.venv-datatrove
+	bench/.venv-datatrove/bin/pip install --quiet "datatrove[io]==0.10.1" "nltk==3.10.4" "spacy==3.8.18" \
+		"xxhash==3.8.2" tokenizers regex
 
 clean: stop
 	rm -rf runs .ssl

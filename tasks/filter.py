@@ -32,7 +32,7 @@ from tasks.stage import stage_dir, stage_task
 WORD_RE = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]+")  # words and runs of punctuation, like nltk's word_tokenize
 PUNCTUATION = set(string.punctuation) | set("“”‘’«»…–—•")
 PARAGRAPH_RE = re.compile(r"\n{2,}")
-BULLETS = ("•", "-", "*", "·", "‣", "●", "▪", "◦")
+BULLETS = ("•", "-")   # the bullets Gopher's rule counts, as in datatrove
 class Rule(NamedTuple):
     name: str       # reason suffix
     score: str      # score it reads
@@ -160,20 +160,21 @@ def gopher_repetition_rules(cfg) -> list[Rule]:
 
 
 def gopher_quality_scores(doc: Doc, cfg) -> dict[str, float]:
+    """As datatrove computes them: word counts and lengths over words that are not only
+    punctuation; symbol and alphabetic ratios over all tokens; distinct stop words."""
     text, words = doc.text, doc.words
     real = [w for w in words if any(c not in PUNCTUATION for c in w)]
-    n = max(len(real), 1)
+    n, n_all = max(len(real), 1), max(len(words), 1)
     lines = text.splitlines() or [""]
-    stop = set(cfg.stop_words)
     return {
         "n_words": float(len(real)),
         "avg_word_length": sum(map(len, real)) / n,
-        "hash_word_ratio": text.count("#") / n,
-        "ellipsis_word_ratio": (text.count("...") + text.count("…")) / n,
+        "hash_word_ratio": text.count("#") / n_all,
+        "ellipsis_word_ratio": (text.count("...") + text.count("…")) / n_all,
         "bullet_lines_ratio": sum(ln.lstrip().startswith(BULLETS) for ln in lines) / len(lines),
         "ellipsis_lines_ratio": sum(ln.rstrip().endswith(("...", "…")) for ln in lines) / len(lines),
-        "alpha_words_ratio": sum(any(c.isalpha() for c in w) for w in real) / n,
-        "stop_words": float(sum(w in stop for w in words)),
+        "alpha_words_ratio": sum(any(c.isalpha() for c in w) for w in words) / n_all,
+        "stop_words": float(len(set(cfg.stop_words) & set(words))),
     }
 
 
