@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from flows.config import CollectConfig
 from tasks import pydoc_site, readers
-from tasks.shards import StageWriter, read_manifest, read_table, write_json
+from tasks.shards import StageWriter, read_manifest, read_table, sha256_text, write_json
 from tasks.stage import stage_dir, stage_task
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def _now() -> datetime:
 def page_row(source: str, url: str, status: int | None, ctype: str, body: str,
              fetched_at: datetime | None = None, record_id: str | None = None,
              etag: str | None = None, last_modified: str | None = None) -> dict:
-    sha = hashlib.sha256(body.encode("utf-8", "surrogatepass")).hexdigest()
+    sha = sha256_text(body)
     return {"doc_id": doc_id(source, url, sha), "source": source, "url": url, "fetched_at": fetched_at or _now(),
             "status": status, "content_type": ctype, "content_sha256": sha, "record_id": record_id,
             "etag": etag, "last_modified": last_modified, "html": body}

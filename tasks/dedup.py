@@ -18,15 +18,12 @@ with numpy instead of one Python call per shingle, so they are several times fas
 
 from __future__ import annotations
 
-import hashlib
-import multiprocessing as mp
 import os
 import re
 import shutil
 import time
 import unicodedata
 import zlib
-from concurrent.futures import ProcessPoolExecutor
 from functools import cache
 from pathlib import Path
 
@@ -43,7 +40,8 @@ from tqdm.auto import tqdm
 
 from flows import tracking
 from flows.config import DedupConfig
-from tasks.shards import StageWriter, fresh_tmp_dir, read_schema, with_fields
+from tasks.extract import process_pool
+from tasks.shards import StageWriter, fresh_tmp_dir, read_schema, sha256_text, with_fields
 from tasks.stage import stage_dir, stage_task
 
 NON_WORD_RE = re.compile(r"[^\w\s]+")
@@ -129,13 +127,13 @@ def signature_params(cfg) -> dict:
             "bands": bands, "rows": rows, "threshold_estimate": round((1 / bands) ** (1 / rows), 4)}
 
 
-def shard_keys(path: str, out: str, first_row: int, cfg: DedupConfig) -> tuple[str, int]:
-    """Worker: the exact hash, length and band keys of one input shard's documents, to Parquet."""
+def shard_keys(path: str, out: str, cfg: DedupConfig) -> str:
+    """Worker: the exact hash, length and band keys of one input shard's documents, to Parquet
+    (in the shard's row order)."""
     t = pq.read_table(path, columns=["doc_id", "text", "fetched_at"])
     norm = [normalize(x) for x in t["text"].to_pylist()]
-    cols = {"row": pa.array(np.arange(first_row, first_row + len(norm), dtype=np.int64)), "doc_id": t["doc_id"],
-            "fetched_at": t["fetched_at"], "length": pa.array([len(x) for x in norm], pa.int64()),
-            "text_hash": pa.array([hashlib.sha256(x.encode()).hexdigest() for x in norm])}
+    cols = {"doc_id": t["doc_id"], "fetched_at": t["fetched_at"], "length": pa.array([len(x) for x in norm], pa.int64()),
+            "text_hash": pa.array([sha256_text(x) for x in norm])}
     if cfg.near:
         bands, rows = lsh_params(cfg)
         sig = signatures(norm, cfg.ngram, cfg.num_perm, cfg.seed)
@@ -144,7 +142,7 @@ def shard_keys(path: str, out: str, first_row: int, cfg: DedupConfig) -> tuple[s
             cols[f"band_{k}"] = pa.FixedSizeBinaryArray.from_buffers(
                 pa.binary(4 * rows), len(band), [None, pa.py_buffer(band.tobytes())])
     pq.write_table(pa.table(cols), out)
-    return out, len(norm)
+    return out
 
 
 def _bucket_first(keys: np.ndarray) -> np.ndarray:
@@ -158,19 +156,19 @@ def _bucket_first(keys: np.ndarray) -> np.ndarray:
     return first
 
 
-def _pool(processes: int) -> ProcessPoolExecutor:
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    return ProcessPoolExecutor(max_workers=processes, mp_context=ctx)
+def _with_links(pairs: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """``pairs`` (coded a * n + b) and each row's link to the first row of its bucket, once each."""
+    n = len(first)
+    rows = np.flatnonzero(first != np.arange(n))
+    return np.unique(np.concatenate([pairs, first[rows] * n + rows]))
 
 
 def side_files(cfg: DedupConfig, docs: dict, work: Path) -> list[str]:
     """One side file per input shard (hash, length, band keys), computed in worker processes."""
-    processes = cfg.processes or os.cpu_count() or 1
-    firsts = np.cumsum([0] + [f["rows"] for f in docs["files"]])
-    with _pool(processes) as pool:
-        futures = [pool.submit(shard_keys, str(Path(docs["dir"]) / f["path"]), str(work / f"keys-{i:05d}.parquet"),
-                               int(firsts[i]), cfg) for i, f in enumerate(docs["files"])]
-        return [f.result()[0] for f in tqdm(futures, desc="dedup (signatures)", unit="shard")]
+    with process_pool(cfg.processes or os.cpu_count() or 1) as pool:
+        futures = [pool.submit(shard_keys, str(Path(docs["dir"]) / f["path"]), str(work / f"keys-{i:05d}.parquet"), cfg)
+                   for i, f in enumerate(docs["files"])]
+        return [f.result() for f in tqdm(futures, desc="dedup (signatures)", unit="shard")]
 
 
 def _column(files: list[str], name: str) -> pa.Array:
@@ -185,18 +183,14 @@ def clusters(cfg: DedupConfig, files: list[str]) -> tuple[np.ndarray, np.ndarray
     same_text = _bucket_first(hashes)
     del hashes
     pairs = np.zeros(0, dtype=np.int64)   # link (a, b) coded as a * n + b
-
-    def add(first: np.ndarray) -> np.ndarray:
-        rows = np.flatnonzero(first != np.arange(n))
-        return np.unique(np.concatenate([pairs, first[rows] * n + rows]))
     if cfg.exact:
-        pairs = add(same_text)
+        pairs = _with_links(pairs, same_text)
     if cfg.near:
         for k in tqdm(range(lsh_params(cfg)[0]), desc="dedup (bands)", unit="band"):
             col = _column(files, f"band_{k}")
             width = col.type.byte_width
             keys = np.frombuffer(col.buffers()[1], dtype=f"S{width}", count=n, offset=col.offset * width)
-            pairs = add(_bucket_first(keys))
+            pairs = _with_links(pairs, _bucket_first(keys))
             del col, keys
     graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs // max(n, 1), pairs % max(n, 1))), shape=(n, n))
     _, labels = connected_components(graph.tocsr(), directed=False)

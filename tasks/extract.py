@@ -103,8 +103,9 @@ def _batches(pages: Iterable[dict]) -> Iterator[list[dict]]:
         yield batch
 
 
-def _pool(processes: int) -> ProcessPoolExecutor:
-    # fork: workers start in milliseconds with trafilatura already imported
+def process_pool(processes: int) -> ProcessPoolExecutor:
+    """Worker processes for a stage (extract, dedup). Fork: they start in milliseconds with the
+    stage's modules (trafilatura, numpy) already imported."""
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     return ProcessPoolExecutor(max_workers=processes, mp_context=ctx)
 
@@ -119,7 +120,7 @@ def extract(cfg: ExtractConfig, pages: dict | Iterable[dict], stage_dir: str | P
     processes = cfg.processes or os.cpu_count() or 1
     total = pages["rows"] if isinstance(pages, dict) else None
     rows = iter_rows(pages) if isinstance(pages, dict) else pages
-    with StageWriter("extract", stage_dir, DOC_SCHEMA) as w, _pool(processes) as pool, \
+    with StageWriter("extract", stage_dir, DOC_SCHEMA) as w, process_pool(processes) as pool, \
             tqdm(total=total, desc="extract", unit="page") as bar:
         in_flight: deque = deque()
         seen = 0

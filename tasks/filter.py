@@ -100,14 +100,17 @@ def _duplicated_ngram_chars(words: list[str], n: int) -> int:
 # --- URL blocklist ---------------------------------------------------------------------------
 
 def url_scores(doc: Doc, cfg) -> dict[str, float]:
-    host = (urlsplit(doc.url).hostname or "").lower().rstrip(".")
+    labels = (urlsplit(doc.url).hostname or "").lower().rstrip(".").split(".")
+    suffixes = {".".join(labels[i:]) for i in range(len(labels))}   # the host and each parent domain
     url = doc.url.lower()
-    return {"blocked_domain": float(any(host == d or host.endswith("." + d) for d in _domains(cfg))),
+    return {"blocked_domain": float(not _domains(tuple(cfg.blocked_domains)).isdisjoint(suffixes)),
             "blocked_substring": float(any(s.lower() in url for s in cfg.blocked_substrings))}
 
 
-def _domains(cfg) -> list[str]:
-    return [d.lower().strip(".") for d in cfg.blocked_domains]
+@cache
+def _domains(blocked: tuple[str, ...]) -> frozenset[str]:
+    """The blocklist as a set, built once: a host is looked up by its suffixes, not the list scanned."""
+    return frozenset(d.lower().strip(".") for d in blocked)
 
 
 def url_rules(cfg) -> list[Rule]:

@@ -23,12 +23,13 @@ import pyarrow.parquet as pq
 from warcio.archiveiterator import ArchiveIterator
 
 HTML_TYPES = ("text/html", "application/xhtml+xml")
+UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 LATIN = {"iso-8859-1", "latin-1", "latin1", "windows-1252", "cp1252", "us-ascii", "ascii"}
 
 
 def is_utf16(body: bytes, declared: str | None) -> bool:
     """UTF-16 text (byte-order mark, or the label) is full of NUL bytes without being binary."""
-    return body[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) or \
+    return body[:2] in UTF16_BOMS or \
         (declared or "").strip().lower().startswith("utf-16")
 
 
@@ -39,7 +40,7 @@ def decode_body(body: bytes, declared: str | None) -> str:
     no label at all. A byte-order mark wins over the label. Raises UnicodeDecodeError when no
     encoding fits.
     """
-    if body[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+    if body[:2] in UTF16_BOMS:
         return body.decode("utf-16")
     if body.startswith(codecs.BOM_UTF8):
         return body[3:].decode("utf-8")

@@ -16,13 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 from tokenizers import Tokenizer
 
-from flows.config import CollectConfig, DedupConfig, ExtractConfig, FilterConfig, TokenizeConfig, load_config
+from flows.config import CollectConfig, DedupConfig, ExtractConfig, FilterConfig, load_config
 from tasks.collect import collect
 from tasks.dedup import dedup, normalize
 from tasks.extract import extract
 from tasks.filter import Doc, build_filters, filter_docs, judge
 from tasks.shards import StageWriter, follow_rows, future_state, iter_rows, read_table
-from tasks.tokenize import tokenize
 from tests.conftest import TEST_MODULES
 
 LOCAL = ["127.0.0.1/32"]  # the test servers live on loopback, which the crawler refuses by default
