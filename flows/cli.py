@@ -68,6 +68,17 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from ssl_model.export import export_checkpoint
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, args.tokenizer)
+    except (OSError, ValueError) as e:
+        print(f"ssl-pipeline export: {e}", file=sys.stderr)
+        return 2
+    print(f"Hugging Face checkpoint written to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ssl-pipeline", description="Raw web pages to a pretrained model.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -82,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("retry", help="retry a failed flow run; finished stages come back cached")
     sp.add_argument("flow_run_id")
     sp.set_defaults(fn=cmd_retry)
+    sp = sub.add_parser("export", help="export a training checkpoint as a Hugging Face transformers model")
+    sp.add_argument("checkpoint", help="a step-NNNNNNN.pt file from the train stage")
+    sp.add_argument("out", help="new folder for config.json, model.safetensors and the tokenizer")
+    sp.add_argument("--tokenizer", help="tokenizer.json to include (the tokenize stage's)")
+    sp.set_defaults(fn=cmd_export)
     return p
 
 

@@ -210,25 +210,58 @@ class TokenizeConfig(Section):
 
 
 class TrainConfig(Section):
+    preset: Literal["test", "tiny", "small", "gpt2-124m"] | None = Field(
+        None, description="Model shape preset (see ssl_model/config.py); shape keys set here override it.")
+    arch: Literal["gpt2", "llama"] = Field("gpt2", description="gpt2: learned positions, LayerNorm, GELU; "
+                                                                 "llama: RoPE, RMSNorm, SwiGLU, no biases.")
     n_layer: int = Field(4, ge=1, description="Transformer blocks.")
     n_head: int = Field(4, ge=1, description="Attention heads.")
     n_embd: int = Field(256, ge=8, description="Model width.")
+    n_kv_head: int | None = Field(None, ge=1, description="llama: key/value heads (null: n_head).")
+    mlp_hidden: int | None = Field(None, ge=8, description="MLP width (null: 4x width for gpt2, ~8/3x for llama).")
     block_size: int = Field(256, ge=8, description="Context length in tokens.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout probability.")
-    batch_size: int = Field(16, ge=1, description="Sequences per micro-batch.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout probability (contrastive needs > 0).")
+    tie_embeddings: bool = Field(True, description="Share the input embedding and the output head.")
+    qk_norm: bool = Field(False, description="llama: RMSNorm on queries and keys per head.")
+    rope_theta: float = Field(10000.0, gt=0, description="llama: RoPE base.")
+    objective: Literal["causal", "mlm", "contrastive"] = Field(
+        "causal", description="causal: next token; mlm: BERT-style masked tokens; contrastive: SimCSE.")
+    mask_prob: float = Field(0.15, gt=0, lt=1, description="mlm: fraction of tokens chosen (80/10/10).")
+    temperature: float = Field(0.05, gt=0, description="contrastive: InfoNCE temperature.")
+    batch_size: int = Field(16, ge=1, description="Sequences per micro-batch (per GPU under torchrun).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     max_steps: int = Field(1000, ge=1, description="Optimizer steps.")
+    optimizer: Literal["adamw", "muon"] = Field("adamw", description="muon: Muon for the blocks' 2-D weights, "
+                                                                   "AdamW for the rest.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
-    min_lr: float = Field(1e-4, ge=0, description="Learning rate at the end of the cosine decay.")
+    min_lr: float = Field(1e-4, ge=0, description="Learning rate at the end of the decay.")
     warmup_steps: int = Field(100, ge=0, description="Linear warmup steps.")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (2-D weights only).")
+    schedule: Literal["cosine", "wsd"] = Field("cosine", description="cosine decay, or warmup-stable-decay.")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: fraction of steps in the final decay.")
+    weight_decay: float = Field(0.1, ge=0, description="Weight decay (2-D weights only).")
     grad_clip: float = Field(1.0, ge=0, description="Clip the gradient norm to this (0: off).")
+    spike_factor: float = Field(4.0, ge=0, description="Skip a step whose loss exceeds this times the recent "
+                                                       "average (0: only non-finite losses are skipped).")
+    max_bad_steps: int = Field(5, ge=1, description="Stop after this many skipped steps in a row.")
     eval_interval: int = Field(100, ge=1, description="Validate every this many steps (and at the end).")
     eval_batches: int = Field(10, ge=1, description="Validation batches per evaluation.")
+    sample_tokens: int = Field(48, ge=0, description="causal: tokens generated at each evaluation (0: none).")
     checkpoint_interval: int = Field(250, ge=1, description="Checkpoint every this many steps (and at the end).")
-    seed: int = Field(1337, description="Seed of initialisation and batch sampling.")
+    seed: int = Field(1337, description="Seed of initialisation, batch order, dropout and masks.")
     device: str = Field("auto", description="'auto' (CUDA if present, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (null: torch's default).")
+    compile: bool = Field(False, description="torch.compile the model and loss.")
+    bf16: bool = Field(True, description="bf16 autocast on CUDA.")
+    export_hf: bool = Field(True, description="causal: also export a Hugging Face transformers checkpoint.")
+
+    def model_shape(self) -> dict:
+        """The model fields: the preset's, overridden by those set in the config."""
+        from ssl_model.config import PRESETS, ModelConfig
+        names = [f for f in ModelConfig.__dataclass_fields__ if f != "vocab_size"]
+        shape = {k: getattr(self, k) for k in names if k in type(self).model_fields}
+        if self.preset:
+            shape.update({k: v for k, v in PRESETS[self.preset].items() if k not in self.model_fields_set})
+        return shape
 
 
 class TrackingConfig(Section):

@@ -137,5 +137,9 @@ def run_url(run_id: str) -> str:
 
 
 def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-    client().log_artifact(run_id, str(path), artifact_path)
+    """A file, or a folder's contents under ``artifact_path``."""
+    if Path(path).is_dir():
+        client().log_artifacts(run_id, str(path), artifact_path)
+    else:
+        client().log_artifact(run_id, str(path), artifact_path)
 

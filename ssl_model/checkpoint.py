@@ -1,21 +1,25 @@
-"""Checkpoints: model, optimizer, step and configs in one file, written atomically, loaded with weights_only."""
+"""Checkpoints: everything a bit-exact resume needs, in one file written atomically and loaded
+with ``weights_only=True`` (tensors and plain Python values only, nothing unpickled).
+
+Holds the uncompiled model's state, optimizer and scheduler states, step, the data loader's
+position, every RNG state (torch CPU and CUDA, numpy, Python's ``random``, the trainer's own
+generator; one set per rank under torchrun), and the model and training configs.
+"""
 
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
-def save_checkpoint(path: str | Path, *, model, optimizer, step: int, model_config: dict,
-                    train_config: dict, rng_state: torch.Tensor | None = None, metrics: dict | None = None) -> Path:
+def save_checkpoint(path: str | Path, state: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
-             "step": step, "model_config": model_config, "train_config": train_config,
-             "rng_state": rng_state, "metrics": metrics or {}}
     try:
         torch.save(state, tmp)
         with open(tmp, "rb+") as f:
@@ -36,10 +40,32 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def rng_state(gen: torch.Generator) -> dict:
+    """This process's RNG states, as plain tensors and lists (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    return {"torch": torch.get_rng_state(), "generator": gen.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": [version, list(py_state), py_gauss]}
+
+
+def set_rng_state(state: dict, gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["generator"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, py_state, py_gauss = state["python"]
+    random.setstate((version, tuple(py_state), py_gauss))
+
+
 def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
-    """The GPT stored in a checkpoint, in eval mode."""
-    from ssl_model.model import GPT, GPTConfig
+    """The model stored in a checkpoint, in eval mode."""
+    from ssl_model.config import ModelConfig
+    from ssl_model.model import GPT
     ckpt = load_checkpoint(path, map_location)
-    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model = GPT(ModelConfig.from_dict(ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model.eval()

@@ -1,7 +1,9 @@
 """The trained model as MLflow serves it, logged as a models-from-code pyfunc model.
 
-A DataFrame with a ``text`` column goes in; per-text mean next-token loss (nats) and the number
-of scored tokens come out. MLflow loads this file to rebuild the model (no pickled objects).
+A DataFrame with a ``text`` column goes in. A causal model gives per-text mean next-token loss
+(nats) and the number of scored tokens; a masked-LM or contrastive model gives the text's
+embedding (mean-pooled final hidden states, bidirectional attention). MLflow loads this file to
+rebuild the model (no pickled objects).
 """
 
 from __future__ import annotations
@@ -12,19 +14,24 @@ import torch
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
-from ssl_model.checkpoint import load_model
+from ssl_model.checkpoint import load_checkpoint, load_model
 
 SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", "text")]),
                            outputs=Schema([ColSpec("double", "loss"), ColSpec("long", "tokens")]))
+EMBED_SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", "text")]),
+                                 outputs=Schema([ColSpec("double", "embedding_norm"), ColSpec("long", "tokens")]))
 
 
-class NextTokenScorer(mlflow.pyfunc.PythonModel):
-    """The trained model as MLflow serves it: a DataFrame with a ``text`` column in, per-text
-    mean next-token loss (nats) and token count out."""
+def signature(objective: str) -> ModelSignature:
+    return SIGNATURE if objective == "causal" else EMBED_SIGNATURE
+
+
+class Scorer(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from tokenizers import Tokenizer
         self.model = load_model(context.artifacts["checkpoint"])
+        self.objective = load_checkpoint(context.artifacts["checkpoint"])["train_config"].get("objective", "causal")
         self.tokenizer = Tokenizer.from_file(context.artifacts["tokenizer"])
 
     @torch.no_grad()
@@ -33,6 +40,11 @@ class NextTokenScorer(mlflow.pyfunc.PythonModel):
         out = []
         for text in model_input["text"]:
             ids = torch.tensor(self.tokenizer.encode(text).ids, dtype=torch.long)
+            if self.objective != "causal":
+                h = self.model.hidden(ids[None, :T], causal=False) if len(ids) else torch.zeros(1, 1, 1)
+                emb = h.mean(dim=1)[0]
+                out.append({"embedding": emb.tolist(), "embedding_norm": float(emb.norm()), "tokens": min(len(ids), T)})
+                continue
             total, count = 0.0, 0
             for i in range(0, max(len(ids) - 1, 0), T):
                 chunk = ids[i:i + T + 1]
@@ -44,8 +56,4 @@ class NextTokenScorer(mlflow.pyfunc.PythonModel):
         return pd.DataFrame(out)
 
 
-SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", "text")]),
-                           outputs=Schema([ColSpec("double", "loss"), ColSpec("long", "tokens")]))
-
-
-mlflow.models.set_model(NextTokenScorer())
+mlflow.models.set_model(Scorer())

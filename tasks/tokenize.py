@@ -23,10 +23,11 @@ from tqdm.auto import tqdm
 
 from flows import tracking
 from flows.config import TokenizeConfig
+from ssl_model.config import EOT, MASK
 from tasks.shards import file_entry, fresh_tmp_dir, iter_rows, make_manifest, publish_dir, write_json
 from tasks.stage import stage_dir, stage_task
 
-EOT = "<|endoftext|>"
+SPECIAL = [EOT, MASK]
 SHARD_TOKENS = 100_000_000  # tokens per shard file
 
 
@@ -39,7 +40,7 @@ def train_tokenizer(texts, vocab_size: int, min_frequency: int, length: int | No
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOT],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=True)
     tok.train_from_iterator(texts, trainer=trainer, length=length)
     return tok
@@ -128,7 +129,7 @@ def tokenize(cfg, docs: dict, stage_dir: str | Path) -> dict:
         flush()
         splits = {s: w.finish() for s, w in writers.items()}
         meta = {"dtype": dtype.name, "byteorder": "little", "vocab_size": vocab, "eot_id": eot,
-                "tokenizer": "tokenizer.json", "splits": splits}
+                "special_tokens": {t: tok.token_to_id(t) for t in SPECIAL}, "tokenizer": "tokenizer.json", "splits": splits}
         write_json(tmp / "meta.json", meta)
         files = [file_entry(tmp, p, splits[s]["docs"] if p.endswith(".parquet") else 0)
                  for s in splits for p in [x["path"] for x in splits[s]["shards"]] + [splits[s]["index"]]]

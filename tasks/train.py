@@ -1,14 +1,16 @@
-"""Stage 6, train: next-token pretraining of a GPT on the token shards, tracked in MLflow.
+"""Stage 6, train: self-supervised pretraining on the token shards, tracked in MLflow.
 
 The trainer (ssl_model) reports through a callback; here that callback batches the metrics
-into the stage's MLflow run while training runs and drives the progress bar. The final
-checkpoint is logged, and the model is logged as an MLflow pyfunc model (tasks/scoring.py)
-and registered.
+into the stage's MLflow run while training runs (sample generations as text artifacts) and
+drives the progress bar. The final checkpoint is logged, a causal model is also exported as a
+Hugging Face transformers checkpoint, and the model is logged as an MLflow pyfunc model
+(tasks/scoring.py) and registered.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -19,14 +21,12 @@ from tqdm.auto import tqdm
 
 from flows import tracking
 from flows.config import TrainConfig
-from ssl_model.model import GPTConfig
+from ssl_model.config import ModelConfig
+from ssl_model.export import export_checkpoint
 from ssl_model.trainer import TrainSettings, train
 from tasks import scoring
 from tasks.shards import sha256_file
 from tasks.stage import stage_dir, stage_task
-
-MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
-
 
 class MlflowReporter:
     """Trainer callback: metrics to MLflow in batches, a progress bar on the terminal."""
@@ -43,6 +43,9 @@ class MlflowReporter:
             mlflow.tracking.MlflowClient().set_tag(self.run_id, "resumed_from", metrics["checkpoint"])
             return
         if kind == "checkpoint":
+            return
+        if kind == "sample":
+            mlflow.tracking.MlflowClient().log_text(self.run_id, metrics["text"], f"samples/step-{step:07d}.txt")
             return
         self.buffer += [Metric(k, float(v), ts, step) for k, v in metrics.items() if isinstance(v, (int, float))]
         self.last.update(metrics)
@@ -62,12 +65,12 @@ class MlflowReporter:
         self.bar.close()
 
 
-def log_model(run_id: str, checkpoint: str, tokenizer: str, registered_name: str) -> str:
+def log_model(run_id: str, checkpoint: str, tokenizer: str, registered_name: str, objective: str) -> str:
     """Log the pyfunc model in ``run_id`` and register it; returns the registered model's URI."""
     with mlflow.start_run(run_id=run_id, nested=True), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*input example.*")  # the signature says it all
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=scoring.__file__, signature=scoring.SIGNATURE,
+            name="model", python_model=scoring.__file__, signature=scoring.signature(objective),
             artifacts={"checkpoint": checkpoint, "tokenizer": tokenizer},
             pip_requirements=["ssl-pipeline", "torch==2.13.0", "tokenizers", "pandas"],
             registered_model_name=registered_name)
@@ -79,8 +82,8 @@ def train_task(ctx: dict, section: dict, inputs: list[dict], run_id: str) -> tup
     cfg = TrainConfig.model_validate(section)
     shards = inputs[0]
     out = stage_dir(ctx, "train")
-    model_cfg = GPTConfig(vocab_size=shards["vocab_size"], **{k: getattr(cfg, k) for k in MODEL_FIELDS})
-    settings = TrainSettings(**{k: v for k, v in cfg.model_dump().items() if k not in MODEL_FIELDS})
+    model_cfg = ModelConfig(vocab_size=shards["vocab_size"], **cfg.model_shape())
+    settings = TrainSettings.from_dict(cfg.model_dump())
     reporter = MlflowReporter(run_id, cfg.max_steps)
     t0 = time.time()
     try:
@@ -91,12 +94,18 @@ def train_task(ctx: dict, section: dict, inputs: list[dict], run_id: str) -> tup
     tokenizer = str(Path(shards["dir"]) / "tokenizer.json")
     tracking.log_artifact(run_id, result["checkpoint"], "checkpoints")
     tracking.log_artifact(run_id, tokenizer)
-    model_uri = log_model(run_id, result["checkpoint"], tokenizer, ctx["registered_model"])
-    tokens = cfg.max_steps * cfg.batch_size * cfg.grad_accum * cfg.block_size
+    if cfg.export_hf and cfg.objective == "causal":
+        hf = out / "hf"
+        shutil.rmtree(hf, ignore_errors=True)   # an earlier attempt's export, redone from this checkpoint
+        tracking.log_artifact(run_id, export_checkpoint(result["checkpoint"], hf, tokenizer), "hf_model")
+    model_uri = log_model(run_id, result["checkpoint"], tokenizer, ctx["registered_model"], cfg.objective)
+    tokens = cfg.max_steps * cfg.batch_size * cfg.grad_accum * model_cfg.block_size * result["world_size"]
     manifest = {**shards, "stage": "train", "dir": str(out), "dropped": 0, "reasons": {}, "seconds": seconds,
                 "checkpoint": result["checkpoint"], "model_uri": model_uri, "val_loss": result["val_loss"],
-                "ln_vocab": math.log(shards["vocab_size"]), "params": result["params"], "device": result["device"]}
+                "ln_vocab": math.log(shards["vocab_size"]), "params": result["params"], "device": result["device"],
+                "objective": cfg.objective, "model_config": model_cfg.to_dict()}
     manifest["digest"] = sha256_file(result["checkpoint"])
     manifest["bytes"] = Path(result["checkpoint"]).stat().st_size
-    return manifest, {"final_val_loss": result["val_loss"], "ln_vocab_size": manifest["ln_vocab"],
-                      "params": float(result["params"]), "train_tokens_seen": float(tokens)}
+    finals = {f"final_{k}": float(v) for k, v in result.items() if k.startswith("val_") and k != "val_tokens"}
+    return manifest, {**finals, "ln_vocab_size": manifest["ln_vocab"], "params": float(result["params"]),
+                      "train_tokens_seen": float(tokens), "skipped_steps": float(result["skipped_steps"])}

@@ -103,7 +103,7 @@ def test_pipeline_end_to_end_is_tracked_and_the_registered_model_scores(tmp_path
     # training metrics by step
     history = client.get_metric_history(runs["train"].info.run_id, "loss")
     assert [h.step for h in history] == list(range(1, 61))
-    for key in ("lr", "tokens_per_s", "val_loss"):
+    for key in ("lr", "tokens_per_s", "val_loss", "val_perplexity", "peak_memory_mb", "grad_norm"):
         assert client.get_metric_history(runs["train"].info.run_id, key)
     val = client.get_metric_history(runs["train"].info.run_id, "val_loss")
     assert val[-1].value < val[0].value
@@ -112,6 +112,10 @@ def test_pipeline_end_to_end_is_tracked_and_the_registered_model_scores(tmp_path
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"config", "funnel.md", "funnel.json"}
     assert "tokenizer.json" in {a.path for a in client.list_artifacts(runs["tokenize"].info.run_id)}
     assert client.list_artifacts(runs["train"].info.run_id, "checkpoints")
+    assert {"hf_model/config.json", "hf_model/model.safetensors", "hf_model/tokenizer.json"} <= \
+        {a.path for a in client.list_artifacts(runs["train"].info.run_id, "hf_model")}
+    samples = client.list_artifacts(runs["train"].info.run_id, "samples")
+    assert [a.path for a in samples][-1] == "samples/step-0000060.txt"
 
     # the registered model leads to the train run, loads, and scores validation text below ln(vocab)
     version = client.get_model_version("e2e-gpt", "1")
