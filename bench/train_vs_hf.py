@@ -1,10 +1,12 @@
 """Benchmark: tokens/s and validation loss of our trainer against transformers' GPT2LMHeadModel.
 
     python bench/train_vs_hf.py [--out bench/results/train_vs_hf.json] [--steps 200] [--shards DIR]
-                                [--threads 2] [--round-steps 10] [--compile]
+                                [--threads 2] [--round-steps 10] [--init ours|hf] [--compile]
 
 Without ``--shards`` it builds its own token shards from the repo's real corpus: the pydoc site is
 rendered, collected from its local folder, extracted and tokenized (BPE, vocab 8192) in a temp dir.
+The build is not reproducible to the document (the rendered pages and their paths differ between
+runs, and the train/validation split hashes document ids), so losses compare within a run only.
 
 Three models of the same size (preset "tiny": 4 layers x 256 wide, 4 heads, T=256, vocab from
 the shards, fp32, dropout 0) train for the same number of steps on the same batches (batch 16):
@@ -26,7 +28,10 @@ references' steps in between are not counted. Steps 1..--warmup and the step rig
 evaluation are left out. Rounds are consecutive blocks of --round-steps measured steps; a
 round's ratio is the references' total time over ours; the ratios reported are medians over rounds.
 Validation loss: every model on the same fixed validation windows
-(``TokenShards(..., "val").fixed_batches``) at the trainer's evaluation steps (equal tokens).
+(``TokenShards(..., "val").fixed_batches``) at the trainer's evaluation steps (equal tokens). The
+references start from the weights our trainer starts from (``--init ours``, the default: moved
+over by our Hugging Face export and checked to give the same logits), so the losses differ only
+by the training; ``--init hf`` keeps GPT2LMHeadModel's own initialisation (same scheme, other draws).
 With ``--compile`` ours runs with ``TrainSettings.compile=True``; the first steps' extra time
 is reported as compile time.
 Prints JSON and writes it to --out.
@@ -53,8 +58,10 @@ import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
-from ssl_model.config import preset  # noqa: E402
+from ssl_model.config import ModelConfig, preset  # noqa: E402
 from ssl_model.data import Batches, TokenShards  # noqa: E402
+from ssl_model.export import export_hf  # noqa: E402
+from ssl_model.model import GPT  # noqa: E402
 from ssl_model.trainer import TrainSettings, lr_factor, train  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -74,17 +81,37 @@ def build_shards(work: Path, vocab_size: int) -> Path:
     return work / "tokens"
 
 
+def initial_weights_hf(cfg: ModelConfig, seed: int) -> dict:
+    """The weights our trainer starts from (seeded as it seeds them), in Hugging Face's layout
+    (through our export), checked to give the same logits in GPT2LMHeadModel."""
+    from safetensors.torch import load_file
+    torch.manual_seed(seed)
+    ours = GPT(cfg)
+    with tempfile.TemporaryDirectory() as d:
+        sd = load_file(export_hf(ours, Path(d) / "hf") / "model.safetensors")
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+                                    n_layer=cfg.n_layer, n_head=cfg.n_head, layer_norm_epsilon=cfg.norm_eps))
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # the head is tied
+    x = torch.randint(0, cfg.vocab_size, (2, cfg.block_size), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf.eval()(input_ids=x).logits, ours(x)[0], rtol=1e-4, atol=1e-4)
+    return sd
+
+
 class Reference:
     """GPT2LMHeadModel of our shape trained by a plain loop, one step per call."""
 
-    def __init__(self, vocab: int, s: TrainSettings, train_data: TokenShards, fused: bool):
-        cfg = preset("tiny", vocab)
+    def __init__(self, cfg: ModelConfig, s: TrainSettings, train_data: TokenShards, fused: bool,
+                 init: dict | None):
         torch.manual_seed(s.seed)
         self.model = GPT2LMHeadModel(GPT2Config(
-            vocab_size=vocab, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+            vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
             n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=cfg.norm_eps,
             bos_token_id=None, eos_token_id=None))
         assert self.model.config._attn_implementation == "sdpa", self.model.config._attn_implementation
+        if init is not None:
+            self.model.load_state_dict(init, strict=False)
         params = list(self.model.parameters())  # the tied head and embedding once
         self.opt = torch.optim.AdamW(
             [{"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
@@ -125,7 +152,8 @@ def run(shards: Path, args) -> dict:
                       checkpoint_interval=10 ** 9, compile=args.compile)
     torch.set_num_threads(args.threads)
     val_batches = val_data.fixed_batches(s.batch_size, cfg.block_size, s.eval_batches)
-    refs = {"hf": Reference(vocab, s, train_data, fused=False), "hf_fused": Reference(vocab, s, train_data, fused=True)}
+    init = initial_weights_hf(cfg, s.seed) if args.init == "ours" else None
+    refs = {name: Reference(cfg, s, train_data, fused, init) for name, fused in (("hf", False), ("hf_fused", True))}
     names = ["ours", *refs]
     secs: dict[str, dict[int, float]] = {n: {} for n in names}
     train_loss: dict[str, dict[int, float]] = {n: {} for n in names}
@@ -165,6 +193,7 @@ def run(shards: Path, args) -> dict:
                               "tokens_per_step": tokens, "threads": args.threads, "dtype": "float32",
                               "lr": s.lr, "warmup_steps": s.warmup_steps, "weight_decay": s.weight_decay,
                               "grad_clip": s.grad_clip, "eval_interval": s.eval_interval, "compile": args.compile,
+                              "hf_init": args.init,
                               "measured_steps": len(measured), "round_steps": args.round_steps,
                               "hf_loss": "F.cross_entropy(model(input_ids=x).logits, y): our targets, "
                                          "no internal shift"},
@@ -205,6 +234,8 @@ def main() -> None:
     ap.add_argument("--round-steps", type=int, default=10, help="measured steps per round")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="ours with TrainSettings.compile=True")
+    ap.add_argument("--init", choices=["ours", "hf"], default="ours",
+                    help="references start from our initial weights (default) or from GPT2LMHeadModel's own init")
     args = ap.parse_args()
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else ""

@@ -24,8 +24,36 @@ from ssl_model.model import GPT
 IGNORE = -100
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """``F.cross_entropy(h @ w.T, y, reduction="sum")`` and its gradients, computed in the forward
+    pass a block of rows at a time: the (tokens x vocab) logits, their log-softmax and gradient
+    are never held whole. Without autocast only (the logits are in ``h``'s dtype)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        rows = max(64, (1 << 22) // w.size(0))       # 16 MB of fp32 logits per block
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h, grad_w = torch.empty_like(h), torch.zeros_like(w)
+        for i in range(0, len(h), rows):
+            hb, yb = h[i:i + rows], y[i:i + rows]
+            logp = torch.log_softmax(hb @ w.T, dim=-1)
+            loss -= logp.gather(1, yb[:, None]).sum()
+            p = logp.exp_()                             # the gradient: softmax - one-hot
+            p[torch.arange(len(yb), device=h.device), yb] -= 1
+            torch.mm(p, w, out=grad_h[i:i + rows])
+            grad_w.addmm_(p.T, hb)
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad, grad_w * grad, None
+
+
 class CausalLM(nn.Module):
-    """Next-token prediction (the default)."""
+    """Next-token prediction (the default). Training without autocast (fp32, as on CPU) takes
+    the loss from ``LinearCrossEntropy``, never materialising the whole logits tensor."""
     causal = True
 
     def __init__(self, model: GPT):
@@ -36,6 +64,9 @@ class CausalLM(nn.Module):
         return {"x": x, "y": y}, y.numel()
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
+            h = self.model.hidden(x).flatten(0, 1)
+            return LinearCrossEntropy.apply(h, self.model.lm_head.weight, y.flatten())
         logits, _ = self.model(x)
         return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
 

@@ -189,3 +189,15 @@ def test_loss_spikes_are_skipped_and_repeated_ones_stop_with_a_clear_message(tmp
         train(cfg, s, stages["tokenize"]["dir"], tmp_path, lambda *e: events.append(e))
     skips = [m for kind, _, m in events if kind == "skip"]
     assert len(skips) == s.max_bad_steps and skips[-1]["skipped_steps"] == s.max_bad_steps
+
+
+def test_compiled_training_matches_eager_and_checkpoints_the_uncompiled_model(tmp_path, stages):
+    cfg = preset("test", stages["tokenize"]["vocab_size"])
+    runs = {}
+    for compiled in (False, True):
+        s = TrainSettings(**{**SMALL, "max_steps": 3, "eval_interval": 3, "compile": compiled})
+        _, events = run_events(cfg, s, stages["tokenize"]["dir"], tmp_path / str(compiled))
+        runs[compiled] = [m["loss"] for kind, _, m in events if kind == "train"]
+    assert runs[True] == pytest.approx(runs[False], rel=1e-4)
+    state = load_checkpoint(latest_checkpoint(tmp_path / "True"))["model"]
+    GPT(cfg).load_state_dict(state)   # plain keys, no torch.compile wrapper prefix
