@@ -10,9 +10,7 @@ Renders the pydoc site, then measures in one run, on the same pages:
 Collect and extract run side by side as the flow runs them: extract follows collect's shards.
 A "1 process" run is pinned to one core (the crawl, the extraction worker and the stage's own
 work share it), a "2 process" run to two: pages/s per core, as the floors mean it. The site is
-served by a separate process, as the web would be, pinned to the same cores as the run measured:
-this machine has two cores, so the server cannot have a core of its own in the 2-process run, and
-giving it the spare core in the 1-process run only would favour that run.
+served by a separate process, as the web would be.
 Prints JSON: median pages/s, the per-core overhead of our extract against the reference and
 the 2-process speedups (medians of ratios taken within each round).
 """
@@ -71,24 +69,21 @@ def site_server(directory: Path):
                 break
             except OSError:
                 time.sleep(0.1)
-        yield url, proc.pid
+        yield url
     finally:
         proc.terminate()
         proc.wait()
 
 
 @contextlib.contextmanager
-def cores(n: int, *pids: int):
-    """Run this process (threads and processes started inside inherit it) and ``pids`` on the
-    first ``n`` allowed cores only."""
+def cores(n: int):
+    """Run on the first ``n`` allowed cores only; threads and processes started inside inherit it."""
     allowed = sorted(os.sched_getaffinity(0))
-    for pid in (0, *pids):
-        os.sched_setaffinity(pid, allowed[:n])
+    os.sched_setaffinity(0, allowed[:n])
     try:
         yield
     finally:
-        for pid in (0, *pids):
-            os.sched_setaffinity(pid, allowed)
+        os.sched_setaffinity(0, allowed)
 
 
 def collect_and_extract(processes: int, collect_cfg: CollectConfig, work: Path, name: str, **sources) -> dict:
@@ -118,7 +113,7 @@ def main() -> None:
     local = ["127.0.0.1/32"]  # our own site on loopback: no politeness limits needed
     res: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                              "trafilatura": trafilatura.__version__}}
-    with site_server(work / "site") as (url, server_pid):
+    with site_server(work / "site") as url:
         crawl = CollectConfig(allow_private=local, max_pages=10_000, per_host_rps=10_000)
         pages = collect(crawl, work / "pages", start_urls=[url])
         html = [(r["html"], r["url"]) for r in iter_rows(pages)]
@@ -152,7 +147,7 @@ def main() -> None:
         for i in range(args.rounds):
             for group in groups[i % 3:] + groups[:i % 3]:
                 for name in group[i % len(group):] + group[:i % len(group)]:
-                    with cores(2 if name.endswith("2p") else 1, server_pid):
+                    with cores(2 if name.endswith("2p") else 1):
                         _, s = timed(lambda: runs[name](i))
                     times[name].append((s, timed.cpu))
         res["seconds_by_round"] = {name: [round(s, 3) for s, _ in ts] for name, ts in times.items()}
