@@ -81,6 +81,14 @@ def build_shards(work: Path, vocab_size: int) -> Path:
     return work / "tokens"
 
 
+def hf_model(cfg: ModelConfig) -> GPT2LMHeadModel:
+    """GPT2LMHeadModel of our shape, without dropout (as ours), in its own initialisation."""
+    return GPT2LMHeadModel(GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+        n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=cfg.norm_eps,
+        bos_token_id=None, eos_token_id=None))
+
+
 def initial_weights_hf(cfg: ModelConfig, seed: int) -> dict:
     """The weights our trainer starts from (seeded as it seeds them), in Hugging Face's layout
     (through our export), checked to give the same logits in GPT2LMHeadModel."""
@@ -89,8 +97,7 @@ def initial_weights_hf(cfg: ModelConfig, seed: int) -> dict:
     ours = GPT(cfg)
     with tempfile.TemporaryDirectory() as d:
         sd = load_file(export_hf(ours, Path(d) / "hf") / "model.safetensors")
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
-                                    n_layer=cfg.n_layer, n_head=cfg.n_head, layer_norm_epsilon=cfg.norm_eps))
+    hf = hf_model(cfg)
     missing, unexpected = hf.load_state_dict(sd, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # the head is tied
     x = torch.randint(0, cfg.vocab_size, (2, cfg.block_size), generator=torch.Generator().manual_seed(0))
@@ -105,10 +112,7 @@ class Reference:
     def __init__(self, cfg: ModelConfig, s: TrainSettings, train_data: TokenShards, fused: bool,
                  init: dict | None):
         torch.manual_seed(s.seed)
-        self.model = GPT2LMHeadModel(GPT2Config(
-            vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-            n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=cfg.norm_eps,
-            bos_token_id=None, eos_token_id=None))
+        self.model = hf_model(cfg)
         assert self.model.config._attn_implementation == "sdpa", self.model.config._attn_implementation
         if init is not None:
             self.model.load_state_dict(init, strict=False)

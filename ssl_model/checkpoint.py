@@ -62,10 +62,14 @@ def set_rng_state(state: dict, gen: torch.Generator) -> None:
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
-    """The model stored in a checkpoint, in eval mode."""
+    """The model stored in a checkpoint file, in eval mode."""
+    return model_from(load_checkpoint(path, map_location))
+
+
+def model_from(ckpt: dict):
+    """The model of a loaded checkpoint, in eval mode."""
     from ssl_model.config import ModelConfig
     from ssl_model.model import GPT
-    ckpt = load_checkpoint(path, map_location)
     model = GPT(ModelConfig.from_dict(ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model.eval()

@@ -22,7 +22,6 @@ from ssl_model.config import EOT, MASK, ModelConfig
 from ssl_model.model import GPT
 
 
-
 def _gpt2(sd: dict[str, torch.Tensor], c: ModelConfig) -> tuple[dict, dict]:
     """GPT-2's Conv1D layers store (in, out): their weights are our Linear weights transposed."""
     t = {"transformer.wte.weight": sd.pop("wte.weight"), "transformer.wpe.weight": sd.pop("wpe.weight")}

@@ -54,7 +54,6 @@ class LinearCrossEntropy(torch.autograd.Function):
 class CausalLM(nn.Module):
     """Next-token prediction (the default). Training without autocast (fp32, as on CPU) takes
     the loss from ``LinearCrossEntropy``, never materialising the whole logits tensor."""
-    causal = True
 
     def __init__(self, model: GPT):
         super().__init__()
@@ -85,7 +84,6 @@ class MaskedLM(nn.Module):
     """BERT-style masked-LM: ``mask_prob`` of the tokens are chosen (special tokens never);
     of those 80 % become the mask token, 10 % a random token, 10 % stay; attention is
     bidirectional and the loss covers the chosen tokens only."""
-    causal = False
 
     def __init__(self, model: GPT, mask_id: int, special_ids: list[int], mask_prob: float = 0.15):
         super().__init__()
@@ -102,11 +100,13 @@ class MaskedLM(nn.Module):
         inputs = torch.where(chosen & (r >= 0.8) & (r < 0.9), random_tokens, inputs)
         return {"x": inputs, "y": labels}, int(chosen.sum())
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = self.model.hidden(x, causal=False)
+    def chosen_logits(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits at the chosen positions (only those go through the head) and their targets."""
         chosen = y != IGNORE
-        logits = self.model.lm_head(h[chosen])  # only the chosen positions go through the head
-        return F.cross_entropy(logits.float(), y[chosen], reduction="sum")
+        return self.model.lm_head(self.model.hidden(x, causal=False)[chosen]).float(), y[chosen]
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(*self.chosen_logits(x, y), reduction="sum")
 
     @torch.no_grad()
     def evaluate(self, batches, device, autocast, seed: int = 0) -> dict:
@@ -114,13 +114,10 @@ class MaskedLM(nn.Module):
         total, correct, count = 0.0, 0, 0
         for x, y in batches:
             batch, n = self.prepare(x, y, gen)
-            inputs, labels = batch["x"].to(device), batch["y"].to(device)
             with autocast():
-                h = self.model.hidden(inputs, causal=False)
-            chosen = labels != IGNORE
-            logits = self.model.lm_head(h[chosen]).float()
-            total += F.cross_entropy(logits, labels[chosen], reduction="sum").item()
-            correct += int((logits.argmax(-1) == labels[chosen]).sum())
+                logits, labels = self.chosen_logits(batch["x"].to(device), batch["y"].to(device))
+            total += F.cross_entropy(logits, labels, reduction="sum").item()
+            correct += int((logits.argmax(-1) == labels).sum())
             count += n
         return {"val_loss": total / max(count, 1), "val_accuracy": correct / max(count, 1)}
 
@@ -129,7 +126,6 @@ class Contrastive(nn.Module):
     """SimCSE-style: each passage passes the (bidirectional) model twice, dropout making two
     views; mean-pooled embeddings; InfoNCE over in-batch negatives (both directions) at
     ``temperature``. In-batch negatives are those of each rank's own micro-batch."""
-    causal = False
 
     def __init__(self, model: GPT, temperature: float = 0.05):
         super().__init__()

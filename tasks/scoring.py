@@ -14,7 +14,7 @@ import torch
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
-from ssl_model.checkpoint import load_checkpoint, load_model
+from ssl_model.checkpoint import load_checkpoint, model_from
 
 SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", "text")]),
                            outputs=Schema([ColSpec("double", "loss"), ColSpec("long", "tokens")]))
@@ -30,8 +30,8 @@ class Scorer(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from tokenizers import Tokenizer
-        self.model = load_model(context.artifacts["checkpoint"])
-        self.objective = load_checkpoint(context.artifacts["checkpoint"])["train_config"].get("objective", "causal")
+        ckpt = load_checkpoint(context.artifacts["checkpoint"])
+        self.model, self.objective = model_from(ckpt), ckpt["train_config"].get("objective", "causal")
         self.tokenizer = Tokenizer.from_file(context.artifacts["tokenizer"])
 
     @torch.no_grad()

@@ -129,7 +129,8 @@ def tokenize(cfg, docs: dict, stage_dir: str | Path) -> dict:
         flush()
         splits = {s: w.finish() for s, w in writers.items()}
         meta = {"dtype": dtype.name, "byteorder": "little", "vocab_size": vocab, "eot_id": eot,
-                "special_tokens": {t: tok.token_to_id(t) for t in SPECIAL}, "tokenizer": "tokenizer.json", "splits": splits}
+                "special_tokens": {t: tok.token_to_id(t) for t in SPECIAL}, "tokenizer": "tokenizer.json",
+                "splits": splits}
         write_json(tmp / "meta.json", meta)
         files = [file_entry(tmp, p, splits[s]["docs"] if p.endswith(".parquet") else 0)
                  for s in splits for p in [x["path"] for x in splits[s]["shards"]] + [splits[s]["index"]]]

@@ -40,12 +40,12 @@ class MlflowReporter:
         ts = int(time.time() * 1000)
         if kind == "resume":
             self.bar.update(step)
-            mlflow.tracking.MlflowClient().set_tag(self.run_id, "resumed_from", metrics["checkpoint"])
+            tracking.client().set_tag(self.run_id, "resumed_from", metrics["checkpoint"])
             return
         if kind == "checkpoint":
             return
         if kind == "sample":
-            mlflow.tracking.MlflowClient().log_text(self.run_id, metrics["text"], f"samples/step-{step:07d}.txt")
+            tracking.client().log_text(self.run_id, metrics["text"], f"samples/step-{step:07d}.txt")
             return
         self.buffer += [Metric(k, float(v), ts, step) for k, v in metrics.items() if isinstance(v, (int, float))]
         self.last.update(metrics)
