@@ -16,13 +16,10 @@ PROFILES = Path(__file__).parent / "profiles"
 
 
 def _ui_hint(flow_run_id: str | None) -> list[str]:
-    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
-    lines = []
-    if PREFECT_API_URL.value():
-        ui = PREFECT_UI_URL.value() or PREFECT_API_URL.value().removesuffix("/api")
-        lines.append(f"Prefect flow run: {ui}/runs/flow-run/{flow_run_id}")
-    else:
-        lines.append(f"Prefect flow run: {flow_run_id} (temporary server; set PREFECT_API_URL to keep runs)")
+    from flows.pipeline import flow_run_ui_url
+    url = flow_run_ui_url(flow_run_id)
+    lines = [f"Prefect flow run: {url}" if url else
+             f"Prefect flow run: {flow_run_id} (temporary server; set PREFECT_API_URL to keep runs)"]
     lines.append("Open the UIs:      make services   (Prefect http://127.0.0.1:4200, MLflow http://127.0.0.1:5000)")
     return lines
 

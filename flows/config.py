@@ -6,7 +6,6 @@ has a default (FineWeb's published values for the filters) and a description.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -269,6 +268,29 @@ class TrackingConfig(Section):
     registered_model: str = Field("ssl-gpt", description="Name under which the trained model is registered.")
 
 
+class CacheConfig(Section):
+    across_runs: bool = Field(True, description="Reuse a stage's result from any earlier run with the same "
+                                                "inputs (by content), config section and code; false: only "
+                                                "within one flow run, on retry.")
+    storage: str | None = Field(None, description="Where stage results (manifests) are kept for reuse, shared "
+                                                  "by every worker: a folder (default <data_dir>/.results) or "
+                                                  "an s3://bucket/prefix URL.")
+    storage_options: dict[str, Any] = Field({}, description="fsspec options for an s3:// storage, e.g. "
+                                                           "{client_kwargs: {endpoint_url: http://minio:9000}}.")
+
+
+class RunnerConfig(Section):
+    train_deployment: str | None = Field(None, description="Run the train stage as this Prefect deployment "
+                                                           "(e.g. ssl-train/gpu, on a GPU work pool) with "
+                                                           "run_deployment; null: in the pipeline's process.")
+
+
+class NotifyConfig(Section):
+    webhook_url: str | None = Field(None, description="On a failed run, POST a JSON notice (flow run id, stage, "
+                                                      "error, UI links) to this URL.")
+    timeout_s: float = Field(10.0, gt=0, description="Time limit of the webhook request.")
+
+
 class PipelineConfig(Section):
     data_dir: str = Field("runs", description="Where every stage writes its Parquet shards, per flow run.")
     collect: CollectConfig = Field(default_factory=CollectConfig, description="Stage 1: collect pages.")
@@ -278,11 +300,9 @@ class PipelineConfig(Section):
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig, description="Stage 5: tokenizer and shards.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Stage 6: pretraining.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow names.")
-
-    def section_digest(self, section: str) -> str:
-        """Digest of one section: part of that stage's cache key."""
-        data = getattr(self, section).model_dump(mode="json")
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+    cache: CacheConfig = Field(default_factory=CacheConfig, description="Reuse of finished stages.")
+    runner: RunnerConfig = Field(default_factory=RunnerConfig, description="Where stages run.")
+    notify: NotifyConfig = Field(default_factory=NotifyConfig, description="Failure notices.")
 
 
 def _set(tree: dict, dotted: str, value: Any) -> None:

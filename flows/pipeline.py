@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import yaml
 from prefect import flow, get_run_logger
-from prefect.futures import wait
+from prefect.deployments import run_deployment
+from prefect.futures import PrefectFuture, wait
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
@@ -22,6 +24,7 @@ from tasks.collect import collect_task
 from tasks.dedup import dedup_task
 from tasks.extract import extract_task
 from tasks.filter import filter_task
+from tasks.stage import prepared, result_store
 from tasks.tokenize import tokenize_task
 from tasks.train import train_task
 
@@ -43,34 +46,45 @@ def pipeline(config_path: str | None = None, overrides: list[str] | None = None)
         cfg = load_config(config_path, overrides)
     except ConfigError as e:
         return Failed(message=str(e))
-    run_dir = Path(cfg.data_dir).resolve() / flow_run.get_id()
+    data_dir = Path(cfg.data_dir).resolve()
+    run_dir = data_dir / flow_run.get_id()
     parent = tracking.start_pipeline_run(cfg, flow_run.get_id(), flow_run.get_name(),
                                          yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     ctx = {"flow_run_id": flow_run.get_id(), "parent_run_id": parent, "run_dir": str(run_dir),
-           "data_dir": str(Path(cfg.data_dir).resolve()), "registered_model": cfg.tracking.registered_model}
+           "data_dir": str(data_dir), "registered_model": cfg.tracking.registered_model,
+           "cache": {**cfg.cache.model_dump(mode="json"), "storage": cfg.cache.storage or str(data_dir / ".results")}}
     log.info("MLflow run: %s", tracking.run_url(parent))
     manifests: dict[str, dict] = {}
     sections = {stage: getattr(cfg, stage).model_dump(mode="json") for stage, _ in STAGES}
     inputs: list[dict] = []
+    stage = "collect"
     try:
-        collected = _collect_and_extract(ctx, sections)
+        running = _collect_and_extract(ctx, sections)
         for stage, task in STAGES:
-            manifest = collected[stage] if stage in collected else task(ctx, sections[stage], inputs)
+            if stage in running:
+                manifest = running[stage].result()
+            elif stage == "train" and cfg.runner.train_deployment:
+                manifest = _train_on_deployment(cfg.runner.train_deployment, ctx, sections[stage], inputs)
+            else:
+                manifest = prepared(task, ctx, sections[stage], inputs)(ctx, sections[stage], inputs)
             manifests[stage] = manifest
             if manifest["rows"] == 0:
                 msg = empty_stage_message(stage, manifest)
                 tracking.client().set_tag(parent, "ssl_pipeline.stopped_at", stage)
                 _report(parent, manifests)
                 tracking.end_run(parent, ok=False)
+                notify_failure(cfg, parent, stage, msg)
                 return Failed(message=msg)
             inputs = [manifest]
-    except BaseException:
+    except BaseException as e:
         tracking.end_run(parent, ok=False)
+        notify_failure(cfg, parent, stage, f"{type(e).__name__}: {e}")
         raise
     _report(parent, manifests)
     train = manifests["train"]
-    for m in manifests.values():  # the whole lineage on the parent run too
+    for m in manifests.values():  # the whole lineage on the parent run, stages reused from earlier runs too
         tracking.client().set_tag(parent, f"ssl_pipeline.{m['stage']}.digest", m["digest"])
+        tracking.client().set_tag(parent, f"ssl_pipeline.{m['stage']}.mlflow_run_id", m["mlflow_run_id"])
     tracking.client().set_tag(parent, "ssl_pipeline.model_uri", train["model_uri"])
     tracking.end_run(parent, ok=True)
     summary = {"mlflow_run_id": parent, "mlflow_run_url": tracking.run_url(parent),
@@ -80,19 +94,60 @@ def pipeline(config_path: str | None = None, overrides: list[str] | None = None)
                      data=summary)
 
 
-def _collect_and_extract(ctx: dict, sections: dict) -> dict[str, dict]:
+@flow(name="ssl-train", log_prints=True)
+def train_flow(ctx: dict, section: dict, inputs: list[dict]) -> dict:
+    """The train stage on its own, for a deployment on a GPU work pool (runner.train_deployment)."""
+    return prepared(train_task, ctx, section, inputs)(ctx, section, inputs)
+
+
+def _train_on_deployment(name: str, ctx: dict, section: dict, inputs: list[dict]) -> dict:
+    """Run ``train_flow`` through its deployment and wait; its manifest comes back through the
+    shared result storage, under the train task's cache key."""
+    child = run_deployment(name, parameters={"ctx": ctx, "section": section, "inputs": inputs}, timeout=None)
+    if not child.state or not child.state.is_completed():
+        state = child.state.name if child.state else "unknown"
+        raise RuntimeError(f"train deployment {name}: flow run {child.id} ended {state}: "
+                           f"{child.state.message if child.state else ''}")
+    return result_store(ctx).read(train_task.key(ctx, section, inputs)).result
+
+
+def _collect_and_extract(ctx: dict, sections: dict) -> dict[str, PrefectFuture]:
     """Collect and extract run side by side: extract follows collect's shards as they are
     written, so a crawl that waits on the network does not leave the extraction cores idle."""
-    collected = collect_task.submit(ctx, sections["collect"], [])
+    collected = prepared(collect_task, ctx, sections["collect"], []).submit(ctx, sections["collect"], [])
 
     def state() -> str | None:
         s = collected.state
         return None if not s.is_final() else "completed" if s.is_completed() else "failed"
 
     follow = {"stage": "collect", "key": collect_task.key(ctx, sections["collect"], []), "state": state}
-    extracted = extract_task.submit(ctx, sections["extract"], [], follow=quote(follow))
+    extract = prepared(extract_task, ctx, sections["extract"], [], follow)
+    extracted = extract.submit(ctx, sections["extract"], [], follow=quote(follow))
     wait([collected, extracted])
-    return {"collect": collected.result(), "extract": extracted.result()}
+    return {"collect": collected, "extract": extracted}
+
+
+def flow_run_ui_url(flow_run_id: str) -> str | None:
+    """The flow run's page in the Prefect UI (None on a temporary server)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+    api = PREFECT_API_URL.value()
+    return f"{PREFECT_UI_URL.value() or api.removesuffix('/api')}/runs/flow-run/{flow_run_id}" if api else None
+
+
+def notify_failure(cfg, parent_run_id: str, stage: str, error: str) -> None:
+    """POST a JSON notice of the failed run to ``notify.webhook_url``; a webhook that fails is logged,
+    never allowed to hide the run's own error."""
+    if not cfg.notify.webhook_url:
+        return
+    notice = {"event": "ssl-pipeline.failed", "flow_run_id": flow_run.get_id(),
+              "flow_run_name": flow_run.get_name(), "stage": stage, "error": error[-4000:],
+              "prefect_flow_run_url": flow_run_ui_url(flow_run.get_id()),
+              "mlflow_run_url": tracking.run_url(parent_run_id),
+              "retry": f"ssl-pipeline retry {flow_run.get_id()}"}
+    try:
+        httpx.post(cfg.notify.webhook_url, json=notice, timeout=cfg.notify.timeout_s).raise_for_status()
+    except httpx.HTTPError as e:
+        get_run_logger().warning("failure webhook %s: %s", cfg.notify.webhook_url, e)
 
 
 def _report(parent: str, manifests: dict[str, dict]) -> None:

@@ -24,6 +24,7 @@ import json
 import logging
 import re
 import socket
+import sys
 import time
 import urllib.robotparser
 import zlib
@@ -559,7 +560,27 @@ def collect(cfg: CollectConfig, stage_dir: str | Path, start_urls: list[str] | N
     return w.manifest
 
 
-@stage_task("collect")
+def sources_fingerprint(ctx: dict, section: dict) -> str:
+    """What collect would read, for its cache key: local files by path, size and modification
+    time; the embedded site by the Python that renders it. What a website holds now is only
+    known by fetching it, so a crawl is keyed to its flow run: each new run crawls again
+    (conditional requests, only what changed is downloaded) and the next stages are reused
+    when the content comes out the same."""
+    cfg = CollectConfig.model_validate(section)
+    if not cfg.has_sources():
+        return f"pydoc:{sys.version}"
+    files = [*cfg.warc_files, *(t.path for t in cfg.tables), *cfg.paths]
+    if cfg.start_urls or cfg.sitemaps or cfg.url_lists or any("://" in f for f in files):
+        return f"crawl:{ctx['flow_run_id']}"
+    stats = []
+    for f in map(Path, files):
+        for p in sorted(f.rglob("*")) if f.is_dir() else [f]:
+            st = p.stat() if p.exists() else None
+            stats.append([str(p.resolve()), st and st.st_size, st and st.st_mtime_ns])
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+
+
+@stage_task("collect", sources=sources_fingerprint)
 def collect_task(ctx: dict, section: dict, inputs: list[dict], run_id: str) -> dict | tuple[dict, dict]:
     """Collect the configured sources; with none, crawl the embedded pydoc site on 127.0.0.1."""
     cfg = CollectConfig.model_validate(section)

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 MANIFEST = "_manifest.json"
+VOLATILE = {"fetched_at"}  # when a page was fetched is not what it says: left out of content digests
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -108,6 +109,7 @@ class StageWriter:
         self.buffers: dict[str, list[dict]] = {"kept": [], "dropped": []}
         self.files: dict[str, list[dict]] = {"kept": [], "dropped": []}
         self.reasons: Counter[str] = Counter()
+        self.row_digests: dict[str, list[bytes]] = {"kept": [], "dropped": []}
         self.extra: dict[str, Any] = {}
         self.resume, self.flush_every_s, self.last_flush = resume, flush_every_s, time.monotonic()
         # the first shards come sooner (0.25 s, doubling up to flush_every_s): a stage that
@@ -128,8 +130,10 @@ class StageWriter:
                 for f in sorted(sub.glob("part-*.parquet")):
                     rel = str(f.relative_to(self.tmp))
                     self.files[kind].append(file_entry(self.tmp, rel, pq.ParquetFile(f).metadata.num_rows))
+                    rows = pq.read_table(f).to_pylist()
+                    self.row_digests[kind] += [row_digest(r) for r in rows]
                     if kind == "dropped":
-                        self.reasons.update(pq.read_table(f, columns=["reason"])["reason"].to_pylist())
+                        self.reasons.update(r["reason"] for r in rows)
         else:
             self.tmp = fresh_tmp_dir(self.final)
             (self.tmp / "dropped").mkdir()
@@ -149,6 +153,7 @@ class StageWriter:
 
     def _add(self, kind: str, row: dict) -> None:
         self.buffers[kind].append(row)
+        self.row_digests[kind].append(row_digest(row))
         if len(self.buffers[kind]) >= self.shard_rows:
             self._flush(kind)
         elif self.flush_every_s is not None and time.monotonic() - self.last_flush > self.interval:
@@ -177,7 +182,8 @@ class StageWriter:
             return
         for kind in ("kept", "dropped"):
             self._flush(kind)
-        self.manifest = make_manifest(self.stage, self.final, self.files, self.reasons, self.extra)
+        self.manifest = make_manifest(self.stage, self.final, self.files, self.reasons, self.extra,
+                                      content=content_digest(self.row_digests))
         write_json(self.tmp / MANIFEST, self.manifest)
         publish_dir(self.tmp, self.final)
 
@@ -190,11 +196,31 @@ def publish_dir(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
+def row_digest(row: dict) -> bytes:
+    """What one row says, wherever and whenever it was written: binary columns are represented
+    by their sha256 column, and VOLATILE ones are left out."""
+    return hashlib.sha256(json.dumps({k: v for k, v in row.items() if k not in VOLATILE
+                                      and not isinstance(v, (bytes, bytearray))},
+                                     sort_keys=True, default=str).encode("utf-8", "surrogatepass")).digest()
+
+
+def content_digest(row_digests: dict[str, list[bytes]]) -> str:
+    """A stage output's digest by content, independent of row order, shard sizes and fetch times:
+    the next stage's cache key, so unchanged data reuses what was computed from it."""
+    h = hashlib.sha256()
+    for kind in ("kept", "dropped"):
+        h.update(kind.encode())
+        for d in sorted(row_digests[kind]):
+            h.update(d)
+    return h.hexdigest()
+
+
 def make_manifest(stage: str, stage_dir: Path, files: dict[str, list[dict]],
-                  reasons: Counter | dict, extra: dict | None = None) -> dict:
+                  reasons: Counter | dict, extra: dict | None = None, content: str | None = None) -> dict:
+    """``content``: the content digest of the rows; without it the digest is over the files."""
     kept = sum(f["rows"] for f in files["kept"])
     dropped = sum(f["rows"] for f in files["dropped"])
-    digest = hashlib.sha256(
+    digest = content or hashlib.sha256(
         json.dumps([files["kept"], files["dropped"]], sort_keys=True).encode()).hexdigest()
     return {"stage": stage, "dir": str(Path(stage_dir).resolve()), "files": files["kept"],
             "dropped_files": files["dropped"], "rows": kept, "dropped": dropped,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import math
 import os
 import re
 import subprocess
+import threading
 
 import httpx
 import mlflow
@@ -136,17 +138,48 @@ def test_pipeline_end_to_end_is_tracked_and_the_registered_model_scores(tmp_path
     assert any(a["flow_run_id"] == fr_id and a["type"] == "table" for a in arts)
 
 
+class Receiver(http.server.ThreadingHTTPServer):
+    """A webhook receiver on 127.0.0.1 that keeps the JSON bodies it is sent."""
+
+    def __init__(self):
+        self.bodies: list[dict] = []
+        received = self.bodies
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
 def test_retry_after_a_failed_train_reuses_the_finished_stages(tmp_path, servers):
     config = tmp_path / "run.yaml"
+    receiver = Receiver()
     write_config(config, "retry", "retry-gpt", device="cuda:99")   # a mistake the user will fix
+    cfg = yaml.safe_load(config.read_text())
+    cfg["notify"] = {"webhook_url": f"http://127.0.0.1:{receiver.server_port}/hook"}
+    config.write_text(yaml.safe_dump(cfg))
     first = run_cli(["run", "--config", str(config)], servers, tmp_path)
+    receiver.shutdown()
     assert first.returncode == 1
     assert "cuda:99" in first.stderr and "ssl-pipeline retry" in first.stderr
     fr_id = flow_run_id(first.stderr)
     states = task_states(servers["PREFECT_API_URL"], fr_id)
     assert states["train"] == ["Failed"] and states["tokenize"] == ["Completed"]
+    (notice,) = receiver.bodies                                       # the failure notice, once
+    assert notice["flow_run_id"] == fr_id and notice["stage"] == "train" and "cuda:99" in notice["error"]
+    assert notice["prefect_flow_run_url"] == servers["PREFECT_API_URL"].removesuffix("/api") + f"/runs/flow-run/{fr_id}"
+    assert parent_runs(MlflowClient(servers["MLFLOW_TRACKING_URI"]), "retry", fr_id)[0].info.run_id \
+        in notice["mlflow_run_url"]
 
-    write_config(config, "retry", "retry-gpt", device="cpu")        # fixed; the flow reads it on retry
+    cfg["train"]["device"] = "cpu"                                    # fixed; the flow reads it on retry
+    config.write_text(yaml.safe_dump(cfg))
     retry = run_cli(["retry", fr_id], servers, tmp_path)
     assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-5000:]
     states = task_states(servers["PREFECT_API_URL"], fr_id)
@@ -162,6 +195,22 @@ def test_retry_after_a_failed_train_reuses_the_finished_stages(tmp_path, servers
     names = sorted((r.info.run_name, r.info.status) for r in stage_runs(client, parents[0].info.run_id))
     assert names == sorted([(s, "FINISHED") for s in STAGES] + [("train", "FAILED")])
     assert parents[0].data.tags["ssl_pipeline.config_changed_on_retry"] == "train.device"
+
+    # the next run over the same sources and config: every stage reused, by content
+    again = run_cli(["run", "--config", str(config)], servers, tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    again_id = flow_run_id(again.stdout + again.stderr)
+    assert task_states(servers["PREFECT_API_URL"], again_id) == {s: ["Cached"] for s in STAGES}
+    lineage = parent_runs(client, "retry", again_id)[0].data.tags
+    assert lineage["ssl_pipeline.train.mlflow_run_id"] == parents[0].data.tags["ssl_pipeline.train.mlflow_run_id"]
+    assert lineage["ssl_pipeline.model_uri"] == parents[0].data.tags["ssl_pipeline.model_uri"]
+
+    # a changed filter threshold: filter and what comes after it run again, collect and extract do not
+    changed = run_cli(["run", "--config", str(config), "--set", "filter.gopher_quality.min_doc_words=150"],
+                      servers, tmp_path)
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    states = task_states(servers["PREFECT_API_URL"], flow_run_id(changed.stdout + changed.stderr))
+    assert states == {**{s: ["Cached"] for s in STAGES[:2]}, **{s: ["Completed"] for s in STAGES[2:]}}
 
 
 def test_unreachable_start_url_stops_with_one_clear_message(tmp_path, servers):
