@@ -7,8 +7,10 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import threading
+import time
 
 import httpx
 import mlflow
@@ -227,14 +229,57 @@ def test_unreachable_start_url_stops_with_one_clear_message(tmp_path, servers):
     assert list((tmp_path / "runs").glob("*/collect/dropped/part-00000.parquet"))  # what was written stays
 
 
-def test_deployment_file_deploys_the_pipeline_on_a_cron_schedule(servers):
-    env = {**servers, "SSL_PIPELINE_DIR": str(ROOT)}
+def test_deployments_run_the_pipeline_on_its_pool_and_training_on_the_gpu_pool(tmp_path, servers):
+    env = {**os.environ, **servers, "SSL_PIPELINE_DIR": str(ROOT), "PREFECT_HOME": str(tmp_path / ".prefect"),
+           "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     prefect = [str(BIN / "prefect"), "--no-prompt"]
     for cmd in (["work-pool", "create", "ssl-pipeline", "--type", "process", "--overwrite"],
+                ["work-pool", "create", "ssl-train-gpu", "--type", "process", "--overwrite"],
                 ["deploy", "--prefect-file", "deployments/prefect.yaml", "--all"]):
-        proc = subprocess.run(prefect + cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True)
+        proc = subprocess.run(prefect + cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    dep = httpx.get(f"{servers['PREFECT_API_URL']}/deployments/name/ssl-pipeline/nightly").json()
+    api = servers["PREFECT_API_URL"]
+    dep = httpx.get(f"{api}/deployments/name/ssl-pipeline/nightly").json()
     assert dep["entrypoint"] == "flows/pipeline.py:pipeline" and dep["work_pool_name"] == "ssl-pipeline"
-    assert dep["parameters"]["config_path"] == "flows/profiles/demo.yaml"
+    assert dep["parameters"] == {"config_path": "flows/profiles/demo.yaml",
+                                 "overrides": ["runner.train_deployment=ssl-train/gpu"]}
     assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 3 * * *"]
+    train_dep = httpx.get(f"{api}/deployments/name/ssl-train/gpu").json()
+    assert train_dep["work_pool_name"] == "ssl-train-gpu"
+
+    # a scheduled run of the nightly deployment, on a small config, picked up by real workers
+    config = tmp_path / "run.yaml"
+    write_config(config, "deployed", "deployed-gpt")
+    cfg = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**cfg, "data_dir": str(tmp_path / "runs")}))
+    workers = [subprocess.Popen(prefect + ["worker", "start", "--pool", pool], cwd=ROOT, env=env,
+                                stdout=open(tmp_path / f"{pool}.log", "wb"), stderr=subprocess.STDOUT,
+                                start_new_session=True) for pool in ("ssl-pipeline", "ssl-train-gpu")]
+    try:
+        proc = subprocess.run(prefect + ["deployment", "run", "ssl-pipeline/nightly", "--param",
+                                         f"config_path={config}"], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        fr_id = re.search(r"UUID: ([0-9a-f-]{36})", proc.stdout).group(1)
+        assert httpx.get(f"{api}/flow_runs/{fr_id}").json()["state"]["type"] == "SCHEDULED"
+        deadline = time.time() + 600
+        while (state := httpx.get(f"{api}/flow_runs/{fr_id}").json()["state"])["type"] not in \
+                ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") and time.time() < deadline:
+            time.sleep(2)
+    finally:
+        for w in workers:
+            os.killpg(w.pid, signal.SIGTERM)
+            w.wait(timeout=30)
+    logs = {p: (tmp_path / f"{p}.log").read_text(errors="replace")[-3000:] for p in ("ssl-pipeline", "ssl-train-gpu")}
+    assert state["type"] == "COMPLETED", (state, logs)
+    children = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"parent_flow_run_id": {"any_": [fr_id]}}}
+                          ).json()
+    assert [(c["deployment_id"], c["work_pool_name"], c["state"]["type"]) for c in children] == \
+        [(train_dep["id"], "ssl-train-gpu", "COMPLETED")]
+    # training ran in the child only; the parent holds the run_deployment call that links them
+    link = httpx.get(f"{api}/task_runs/{children[0]['parent_task_run_id']}").json()
+    assert link["flow_run_id"] == fr_id
+    assert set(task_states(api, fr_id)) == set(STAGES[:5]) | {link["name"]}
+    assert task_states(api, children[0]["id"]) == {"train": ["Completed"]}
+    client = MlflowClient(servers["MLFLOW_TRACKING_URI"])
+    (parent,) = parent_runs(client, "deployed", fr_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["ssl_pipeline.model_uri"] == "models:/deployed-gpt/1"
