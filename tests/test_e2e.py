@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -213,6 +214,20 @@ def test_retry_after_a_failed_train_reuses_the_finished_stages(tmp_path, servers
     assert changed.returncode == 0, changed.stderr[-3000:]
     states = task_states(servers["PREFECT_API_URL"], flow_run_id(changed.stdout + changed.stderr))
     assert states == {**{s: ["Cached"] for s in STAGES[:2]}, **{s: ["Completed"] for s in STAGES[2:]}}
+
+
+def test_stage_results_on_s3_are_reused_by_the_next_run(tmp_path):
+    # moto's S3 server on 127.0.0.1, inside a namespace with only loopback (tests/s3_results.py)
+    out = tmp_path / "s3.json"
+    proc = subprocess.run(["unshare", "-n", sys.executable, "-m", "tests.s3_results", str(tmp_path), str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    first, second = json.loads(out.read_text())["runs"]
+    assert first["rc"] == 0 and first["states"] == {s: "Completed" for s in STAGES}, first["tail"]
+    assert second["rc"] == 0 and second["states"] == {s: "Cached" for s in STAGES}, second["tail"]
+    assert not (tmp_path / "runs" / ".results").exists()           # the manifests went to the bucket
+    assert len(json.loads(out.read_text())["objects"]) >= len(STAGES)
 
 
 def test_unreachable_start_url_stops_with_one_clear_message(tmp_path, servers):
