@@ -96,7 +96,7 @@ DEFAULT_MODULES: tuple[str, ...] = tuple("""
 # page per module, and records what it rendered/skipped in the "result" file (not on
 # stdout, which an imported module could write to).
 _CHILD = r"""
-import importlib, json, os, pydoc, sys, warnings
+import importlib, json, os, pydoc, re, sys, warnings
 warnings.simplefilter("ignore")
 job = json.load(sys.stdin)
 done, skipped = [], {}
@@ -104,6 +104,8 @@ for name in job["modules"]:
     try:
         obj = importlib.import_module(name)
         page = pydoc.html.page(pydoc.describe(obj), pydoc.html.document(obj, name))
+        # memory addresses ("at 0x7f...", ctypes' "handle 7f..."): the same page on every render
+        page = re.sub(r"(?: |&nbsp;)(?:at(?: |&nbsp;)0x|handle )[0-9a-f]+", "", page)
         path = os.path.join(job["out"], name + ".html")
         with open(path + ".tmp", "w", encoding="utf-8", errors="xmlcharrefreplace") as f:
             f.write(page)

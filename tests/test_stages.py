@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import json
 import math
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +18,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from flows.config import CollectConfig, DedupConfig, ExtractConfig, FilterConfig, load_config
+from tasks import pydoc_site
 from tasks.collect import collect
 from tasks.dedup import dedup, normalize
 from tasks.extract import extract
@@ -299,3 +301,13 @@ def test_extract_following_a_running_collect_gives_the_same_rows(tmp_path, site_
     assert early[0] and len(early) == crawl.result()["rows"]
     after = extract(ExtractConfig(processes=2), crawl.result(), tmp_path / "after")
     assert followed["digest"] == after["digest"] and followed["input_rows"] == after["input_rows"]
+
+
+def test_rendered_site_is_the_same_on_every_render(tmp_path):
+    # pydoc writes memory addresses into some pages; left in, doc ids would change between renders
+    pages = []
+    for name in ("one", "two"):
+        pydoc_site.render_site(tmp_path / name, ["difflib", "ctypes", "sched"])
+        pages.append({p.name: p.read_text() for p in (tmp_path / name).glob("*.html")})
+    assert len(pages[0]) == 4 and pages[0] == pages[1]
+    assert not any(re.search(r"0x[0-9a-f]{6,}", text) for text in pages[0].values())
