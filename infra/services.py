@@ -1,16 +1,20 @@
-"""Start and stop a local Prefect server and MLflow tracking server on 127.0.0.1, both on SQLite.
+"""Start and stop a local Prefect server and MLflow tracking server on 127.0.0.1, on SQLite or PostgreSQL.
 
     python -m infra.services start     # prints the environment to use them
     python -m infra.services status
     python -m infra.services stop
 
 State (databases, artifacts, logs, pid files) lives in ``$SSL_PIPELINE_HOME`` (default ``.ssl``).
-The demo and the tests use the same functions.
+With ``--database-url postgresql://user:password@host:port`` (or ``$SSL_PIPELINE_DATABASE_URL``) Prefect
+keeps its state in the database ``prefect`` of that server and MLflow in ``mlflow`` (``python -m
+infra.postgres start`` gives one); artifacts stay in the state folder. The demo and the tests use the
+same functions.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -30,11 +34,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def with_driver(url: str, driver: str) -> str:
+    """postgresql://... -> postgresql+DRIVER://... (SQLAlchemy 2.1 would pick psycopg 3 for a bare postgresql://)."""
+    return url.replace("postgresql://", f"postgresql+{driver}://", 1)
+
+
 @dataclass
 class Service:
     name: str
     port: int
     home: Path
+    database: str | None = None   # postgresql://... of this service's database; None: SQLite in home
 
     @property
     def url(self) -> str:
@@ -54,12 +64,14 @@ class Service:
         data = self.home / self.name
         data.mkdir(parents=True, exist_ok=True)
         if self.name == "prefect":
+            db = with_driver(self.database, "asyncpg") if self.database else f"sqlite+aiosqlite:///{data / 'prefect.db'}"
             env = {"PREFECT_HOME": str(data), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                   "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{data / 'prefect.db'}",
+                   "PREFECT_API_DATABASE_CONNECTION_URL": db,
                    "PREFECT_UI_API_URL": f"{self.url}/api", "PREFECT_SERVER_API_HOST": "127.0.0.1"}
             return [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)], env
+        db = with_driver(self.database, "psycopg2") if self.database else f"sqlite:///{data / 'mlflow.db'}"
         return [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-                "--backend-store-uri", f"sqlite:///{data / 'mlflow.db'}",
+                "--backend-store-uri", db,
                 "--artifacts-destination", str(data / "artifacts")], {}
 
     def healthy(self) -> bool:
@@ -98,6 +110,8 @@ class Service:
         try:
             os.killpg(pid, signal.SIGTERM)
             for _ in range(50):
+                with contextlib.suppress(ChildProcessError):   # reap it if we started it: a zombie counts as alive
+                    os.waitpid(pid, os.WNOHANG)
                 os.killpg(pid, 0)
                 time.sleep(0.2)
             os.killpg(pid, signal.SIGKILL)
@@ -106,10 +120,14 @@ class Service:
         self.pidfile.unlink(missing_ok=True)
 
 
-def services(home: str | Path | None = None, prefect_port: int = 4200, mlflow_port: int = 5000) -> list[Service]:
+def services(home: str | Path | None = None, prefect_port: int = 4200, mlflow_port: int = 5000,
+             database_url: str | None = None) -> list[Service]:
+    """The two servers; with ``database_url`` (a PostgreSQL server) on its databases ``prefect`` and ``mlflow``."""
     home = Path(home or os.environ.get("SSL_PIPELINE_HOME", ".ssl")).resolve()
     home.mkdir(parents=True, exist_ok=True)
-    return [Service("prefect", prefect_port, home), Service("mlflow", mlflow_port, home)]
+    base = database_url.rstrip("/") if database_url else None
+    return [Service("prefect", prefect_port, home, base and f"{base}/prefect"),
+            Service("mlflow", mlflow_port, home, base and f"{base}/mlflow")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,8 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--home", default=None, help="state folder (default $SSL_PIPELINE_HOME or .ssl)")
     p.add_argument("--prefect-port", type=int, default=int(os.environ.get("PREFECT_PORT", 4200)))
     p.add_argument("--mlflow-port", type=int, default=int(os.environ.get("MLFLOW_PORT", 5000)))
+    p.add_argument("--database-url", default=os.environ.get("SSL_PIPELINE_DATABASE_URL"),
+                   help="PostgreSQL server, postgresql://user:password@host:port (default: SQLite in the state folder)")
     a = p.parse_args(argv)
-    svcs = services(a.home, a.prefect_port, a.mlflow_port)
+    svcs = services(a.home, a.prefect_port, a.mlflow_port, a.database_url)
     for s in svcs:
         if a.action == "start":
             s.start()
