@@ -1,8 +1,9 @@
-"""``ssl-pipeline``: run the pipeline, retry a failed run, show the configuration."""
+"""``ssl-pipeline``: run the pipeline, retry a failed run, show the configuration, audit lineage."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from flows.config import ConfigError, load_config
+from flows.config import ConfigError, TrackingConfig, load_config
 
 PROFILES = Path(__file__).parent / "profiles"
 
@@ -76,6 +77,21 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_audit(args) -> int:
+    """``lineage`` and ``why``: read only MLflow and the run's data; print text or JSON."""
+    from flows import lineage
+    try:
+        if args.command == "lineage":
+            report, text = lineage.lineage(args.model_uri), lineage.format_lineage
+        else:
+            report, text = lineage.why(args.query, args.model, args.run, args.experiment), lineage.format_why
+    except lineage.LineageError as e:
+        print(f"ssl-pipeline {args.command}: {e}", file=sys.stderr)
+        return e.code
+    print(json.dumps(report, indent=2) if args.json else text(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ssl-pipeline", description="Raw web pages to a pretrained model.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -95,6 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("out", help="new folder for config.json, model.safetensors and the tokenizer")
     sp.add_argument("--tokenizer", help="tokenizer.json to include (the tokenize stage's)")
     sp.set_defaults(fn=cmd_export)
+    sp = sub.add_parser("lineage", help="a registered model's lineage: training run, token shards, every "
+                                        "stage's dataset and counts, sources")
+    sp.add_argument("model_uri", help="models:/NAME/VERSION (or models:/NAME/latest, models:/NAME@ALIAS)")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.set_defaults(fn=cmd_audit)
+    sp = sub.add_parser("why", help="what became of one document: dropped where and why, or where its tokens are")
+    sp.add_argument("query", metavar="URL_OR_DOC_ID")
+    which = sp.add_mutually_exclusive_group()
+    which.add_argument("--model", metavar="MODEL_URI", help="the pipeline run that trained this model")
+    which.add_argument("--run", metavar="MLFLOW_RUN_ID", help="this pipeline (parent) run")
+    sp.add_argument("--experiment", default=TrackingConfig().experiment,
+                    help="without --model or --run: the latest finished pipeline run of this MLflow experiment "
+                         "(default: %(default)s)")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.set_defaults(fn=cmd_audit)
     return p
 
 
