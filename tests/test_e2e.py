@@ -56,13 +56,23 @@ def parent_runs(client: MlflowClient, experiment: str, fr_id: str) -> list:
     return client.search_runs([exp], f"tags.`prefect.flow_run_id` = '{fr_id}' and tags.`mlflow.parentRunId` IS NULL")
 
 
-def task_states(api_url: str, fr_id: str) -> dict[str, list[str]]:
-    """State names of every task run of a flow run, per task name, oldest first."""
-    runs = httpx.post(f"{api_url}/task_runs/filter", json={"flow_runs": {"id": {"any_": [fr_id]}}}).json()
-    out: dict[str, list[str]] = {}
-    for r in sorted(runs, key=lambda r: r["created"]):
-        out.setdefault(r["name"], []).append(r["state"]["name"])
-    return out
+def task_states(api_url: str, fr_id: str, timeout: float = 60) -> dict[str, list[str]]:
+    """State names of every task run of a flow run, per task name, oldest first.
+
+    Task-run states reach the server as events, a moment after the flow run's own state: wait
+    until two reads 2 s apart agree, find at least one task run, and every state is final."""
+    final = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+    before, deadline = None, time.time() + timeout
+    while True:
+        runs = httpx.post(f"{api_url}/task_runs/filter", json={"flow_runs": {"id": {"any_": [fr_id]}}}).json()
+        out: dict[str, list[str]] = {}
+        for r in sorted(runs, key=lambda r: r["created"]):
+            out.setdefault(r["name"], []).append(r["state"]["name"])
+        settled = runs and all(r["state"]["type"] in final for r in runs)
+        if (settled and out == before) or time.time() > deadline:
+            return out
+        before = out if settled else None
+        time.sleep(2)
 
 
 def test_pipeline_end_to_end_is_tracked_and_the_registered_model_scores(tmp_path, servers):
