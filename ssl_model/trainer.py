@@ -348,6 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result))
     if dist.is_initialized():
+        dist.barrier()  # no rank tears gloo down while another still talks to it (an abort at exit)
         dist.destroy_process_group()
 
 
