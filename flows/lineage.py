@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
-from flows.tracking import FLOW_RUN_TAG, STAGE_TAG, client
+from flows.tracking import FLOW_RUN_TAG, STAGE_TAG, client, reasons_text
 from tasks.shards import read_schema, read_table
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # manifests are tiny
@@ -347,10 +347,6 @@ def fate(doc: dict, links: dict) -> dict:
 
 # --- text -----------------------------------------------------------------------------------------
 
-def _reasons(reasons: dict) -> str:
-    return ", ".join(f"{r}={n}" for r, n in reasons.items()) or "-"
-
-
 def format_lineage(r: dict) -> str:
     m, p = r["model"], r["pipeline_run"]
     lines = [f"model      {m['uri']}  (version {m['version']}, {m['status']}, {m['source']})",
@@ -368,7 +364,7 @@ def format_lineage(r: dict) -> str:
             continue
         lines.append(f"{'':<10} sha256 {s['digest']}")
         lines.append(f"{'':<10} documents in {s['docs_in']}, kept {s['docs_out']}, dropped {s['dropped']}"
-                     f"{': ' + _reasons(s['reasons']) if s['dropped'] else ''}")
+                     f"{': ' + reasons_text(s['reasons']) if s['dropped'] else ''}")
         if s["stage"] == "tokenize":
             lines.append(f"{'':<10} tokens: train {s['train_tokens']}, val {s['val_tokens']} "
                          f"(vocab {s['vocab_size']}, {s['dtype']})")

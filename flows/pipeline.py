@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import yaml
+from mlflow.entities import RunTag
 from prefect import flow, get_run_logger
 from prefect.deployments import run_deployment
 from prefect.futures import PrefectFuture, wait
@@ -33,7 +34,7 @@ STAGES = [("collect", collect_task), ("extract", extract_task), ("filter", filte
 
 
 def empty_stage_message(stage: str, manifest: dict) -> str:
-    reasons = ", ".join(f"{r}={n}" for r, n in manifest["reasons"].items()) or "none recorded"
+    reasons = tracking.reasons_text(manifest["reasons"], "none recorded")
     return (f"{stage}: 0 documents left (in: {manifest.get('input_rows', manifest['dropped'])}, "
             f"dropped by reason: {reasons}). Its output is kept in {manifest['dir']}.")
 
@@ -82,10 +83,10 @@ def pipeline(config_path: str | None = None, overrides: list[str] | None = None)
         raise
     _report(parent, manifests)
     train = manifests["train"]
-    for m in manifests.values():  # the whole lineage on the parent run, stages reused from earlier runs too
-        tracking.client().set_tag(parent, f"ssl_pipeline.{m['stage']}.digest", m["digest"])
-        tracking.client().set_tag(parent, f"ssl_pipeline.{m['stage']}.mlflow_run_id", m["mlflow_run_id"])
-    tracking.client().set_tag(parent, "ssl_pipeline.model_uri", train["model_uri"])
+    # the whole lineage on the parent run, stages reused from earlier runs too: one request
+    tags = {f"ssl_pipeline.{m['stage']}.{k}": m[k] for m in manifests.values() for k in ("digest", "mlflow_run_id")}
+    tracking.client().log_batch(parent, tags=[RunTag(k, v) for k, v in {
+        **tags, "ssl_pipeline.model_uri": train["model_uri"]}.items()])
     tracking.end_run(parent, ok=True)
     summary = {"mlflow_run_id": parent, "mlflow_run_url": tracking.run_url(parent),
                "model_uri": train["model_uri"], "val_loss": train["val_loss"], "ln_vocab": train["ln_vocab"],

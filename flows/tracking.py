@@ -109,11 +109,16 @@ def log_stage(run_id: str, stage: str, manifest: dict, inputs: list[dict], metri
     _log_text(run_id, json.dumps(manifest, indent=2, default=str), "manifest.json")
 
 
+def reasons_text(reasons: dict, empty: str = "-") -> str:
+    """Counts by drop reason as one line: ``http_404=55, near_duplicate=1``."""
+    return ", ".join(f"{r}={n}" for r, n in reasons.items()) or empty
+
+
 def funnel(manifests: dict[str, dict]) -> list[dict]:
     """Documents per stage and dropped by reason: one row per stage."""
     return [{"stage": s, "docs_in": m.get("input_rows", m["rows"] + m["dropped"]), "docs_out": m["rows"],
              "dropped": m["dropped"],
-             "dropped_by_reason": ", ".join(f"{r}={n}" for r, n in m["reasons"].items()) or "-"}
+             "dropped_by_reason": reasons_text(m["reasons"])}
             for s, m in manifests.items()]
 
 

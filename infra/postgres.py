@@ -60,9 +60,14 @@ class Postgres:
     def url(self, database: str) -> str:
         return f"{self.server_url}/{database}"
 
+    @staticmethod
+    def _as_owner(args: list[str]) -> list[str]:
+        """PostgreSQL's programs refuse root (pg_ctl even for status): run them as OWNER."""
+        return ["runuser", "-u", OWNER, "--", *args] if os.geteuid() == 0 else args
+
     def _run(self, args: list[str], as_owner: bool = True) -> str:
-        if as_owner and os.geteuid() == 0:
-            args = ["runuser", "-u", OWNER, "--", *args]
+        if as_owner:
+            args = self._as_owner(args)
         env = {**os.environ, "PGPASSWORD": self.password} if self.passfile.exists() else None
         proc = subprocess.run(args, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
         if proc.returncode != 0:
@@ -82,7 +87,7 @@ class Postgres:
         if os.geteuid() == 0:
             shutil.chown(self.home, OWNER)
             shutil.chown(self.passfile, OWNER)
-            if subprocess.run(["runuser", "-u", OWNER, "--", "test", "-w", str(self.home)]).returncode != 0:
+            if subprocess.run(self._as_owner(["test", "-w", str(self.home)])).returncode != 0:
                 raise PermissionError(f"the `{OWNER}` user cannot write {self.home}: PostgreSQL refuses to run as "
                                       "root, so put the folder where that user can reach it (e.g. under /tmp)")
         self._run([initdb, "-D", str(self.data), "-U", "postgres", "--auth=scram-sha-256",
@@ -91,9 +96,7 @@ class Postgres:
     def running(self) -> bool:
         if not (self.data / "postmaster.pid").exists():
             return False
-        cmd = [pg_bin("pg_ctl"), "-D", str(self.data), "status"]
-        if os.geteuid() == 0:   # pg_ctl refuses root, even for status
-            cmd = ["runuser", "-u", OWNER, "--", *cmd]
+        cmd = self._as_owner([pg_bin("pg_ctl"), "-D", str(self.data), "status"])
         return subprocess.run(cmd, capture_output=True).returncode == 0
 
     def start(self, timeout: int = 60) -> "Postgres":

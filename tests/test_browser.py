@@ -20,7 +20,7 @@ from playwright import sync_api  # the test extra; CI has it: a missing browser 
 
 from tests.browser import chromium_path, launch, screenshot_on_failure, stop_process_tree, wait_until
 from tests.conftest import BIN, ROOT
-from tests.test_e2e import STAGES, parent_runs, stage_runs, task_states, write_config
+from tests.test_e2e import FINAL, STAGES, parent_runs, stage_runs, task_states, write_config
 expect = sync_api.expect
 
 pytestmark = pytest.mark.e2e
@@ -49,7 +49,7 @@ def wait_for_attempt(api: str, fr_id: str, attempt: int, worker, log) -> dict:
     """The flow run once its ``attempt``-th run is over (run_count counts attempts)."""
     def done():
         fr = flow_run(api, fr_id)
-        over = fr["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+        over = fr["state"]["type"] in FINAL
         if worker.poll() is not None:
             raise AssertionError(f"the worker exited ({worker.returncode}):\n{log.read_text()[-4000:]}")
         return fr if over and fr["run_count"] >= attempt else None

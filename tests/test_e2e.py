@@ -56,19 +56,38 @@ def parent_runs(client: MlflowClient, experiment: str, fr_id: str) -> list:
     return client.search_runs([exp], f"tags.`prefect.flow_run_id` = '{fr_id}' and tags.`mlflow.parentRunId` IS NULL")
 
 
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}   # state types of a run that is over
+
+
+def deployment_run(prefect: list[str], config, env: dict) -> str:
+    """A run of ``ssl-pipeline/nightly`` on ``config``, created as its schedule would (Scheduled); its id."""
+    proc = subprocess.run([*prefect, "deployment", "run", "ssl-pipeline/nightly", "--param", f"config_path={config}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return re.search(r"UUID: ([0-9a-f-]{36})", proc.stdout).group(1)
+
+
+def wait_flow_run(api_url: str, fr_id: str, get=httpx.get, timeout: float = 600) -> dict:
+    """The flow run's state once it is over (or when ``timeout`` is up)."""
+    deadline = time.time() + timeout
+    while (state := get(f"{api_url}/flow_runs/{fr_id}").json()["state"])["type"] not in FINAL \
+            and time.time() < deadline:
+        time.sleep(2)
+    return state
+
+
 def task_states(api_url: str, fr_id: str, timeout: float = 60) -> dict[str, list[str]]:
     """State names of every task run of a flow run, per task name, oldest first.
 
     Task-run states reach the server as events, a moment after the flow run's own state: wait
     until two reads 2 s apart agree, find at least one task run, and every state is final."""
-    final = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
     before, deadline = None, time.time() + timeout
     while True:
         runs = httpx.post(f"{api_url}/task_runs/filter", json={"flow_runs": {"id": {"any_": [fr_id]}}}).json()
         out: dict[str, list[str]] = {}
         for r in sorted(runs, key=lambda r: r["created"]):
             out.setdefault(r["name"], []).append(r["state"]["name"])
-        settled = runs and all(r["state"]["type"] in final for r in runs)
+        settled = runs and all(r["state"]["type"] in FINAL for r in runs)
         if (settled and out == before) or time.time() > deadline:
             return out
         before = out if settled else None
@@ -281,15 +300,9 @@ def test_deployments_run_the_pipeline_on_its_pool_and_training_on_the_gpu_pool(t
                                 stdout=open(tmp_path / f"{pool}.log", "wb"), stderr=subprocess.STDOUT,
                                 start_new_session=True) for pool in ("ssl-pipeline", "ssl-train-gpu")]
     try:
-        proc = subprocess.run(prefect + ["deployment", "run", "ssl-pipeline/nightly", "--param",
-                                         f"config_path={config}"], cwd=ROOT, env=env, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-        fr_id = re.search(r"UUID: ([0-9a-f-]{36})", proc.stdout).group(1)
+        fr_id = deployment_run(prefect, config, env)
         assert httpx.get(f"{api}/flow_runs/{fr_id}").json()["state"]["type"] == "SCHEDULED"
-        deadline = time.time() + 600
-        while (state := httpx.get(f"{api}/flow_runs/{fr_id}").json()["state"])["type"] not in \
-                ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") and time.time() < deadline:
-            time.sleep(2)
+        state = wait_flow_run(api, fr_id)
     finally:
         for w in workers:
             os.killpg(w.pid, signal.SIGTERM)

@@ -29,7 +29,7 @@ from mlflow.tracking import MlflowClient
 from infra.postgres import DATABASES, Postgres
 from infra.services import Service, free_port, services as make_services
 from tests.conftest import BIN, ROOT, run_cli
-from tests.test_e2e import STAGES, flow_run_id, write_config
+from tests.test_e2e import STAGES, deployment_run, flow_run_id, wait_flow_run, write_config
 
 pytestmark = pytest.mark.e2e
 COMPOSE = yaml.safe_load((ROOT / "infra/docker-compose.yml").read_text())
@@ -351,14 +351,8 @@ def test_compose_workers_run_the_nightly_deployment_with_basic_auth_and_s3(compo
         while http.get(f"{api}/deployments/name/ssl-train/gpu").status_code != 200:   # registered by `worker`
             assert time.time() < deadline and all(p.poll() is None for p in procs), logs()
             time.sleep(1)
-        proc = subprocess.run(["prefect", "deployment", "run", "ssl-pipeline/nightly", "--param",
-                               f"config_path={config}"], cwd=ROOT, env=env, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-        fr_id = re.search(r"UUID: ([0-9a-f-]{36})", proc.stdout).group(1)
-        deadline = time.time() + 600
-        while (state := http.get(f"{api}/flow_runs/{fr_id}").json()["state"])["type"] not in \
-                ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") and time.time() < deadline:
-            time.sleep(2)
+        fr_id = deployment_run(["prefect"], config, env)
+        state = wait_flow_run(api, fr_id, http.get)
     finally:
         for p in procs:
             os.killpg(p.pid, signal.SIGTERM)
