@@ -172,6 +172,8 @@ class FilterConfig(Section):
     c4: C4Config = Field(default_factory=C4Config, description="C4 rules as FineWeb applies them.")
     fineweb: FineWebConfig = Field(default_factory=FineWebConfig, description="FineWeb's quality rules.")
     pii: PiiConfig = Field(default_factory=PiiConfig, description="Masking of e-mail and IP addresses.")
+    processes: int | None = Field(None, ge=1, description="Worker processes judging batches of documents "
+                                                          "(null: one per CPU core).")
 
 
 class DedupConfig(Section):
@@ -283,6 +285,21 @@ class RunnerConfig(Section):
     train_deployment: str | None = Field(None, description="Run the train stage as this Prefect deployment "
                                                            "(e.g. ssl-train/gpu, on a GPU work pool) with "
                                                            "run_deployment; null: in the pipeline's process.")
+    task_runner: Literal["local", "dask"] = Field(
+        "local", description="Where the shards of work of extract, filter and dedup run: local worker processes, "
+                             "or Prefect tasks on a Dask cluster (prefect-dask).")
+    dask_address: str | None = Field(None, description="Scheduler of a running Dask cluster (tcp://host:8786) for "
+                                                       "task_runner: dask; null: a LocalCluster for each run. Its "
+                                                       "workers need this package and the data_dir (shared storage).")
+    dask_workers: int | None = Field(None, ge=1, description="Worker processes of the LocalCluster "
+                                                             "(null: one per CPU core).")
+
+    @model_validator(mode="after")
+    def _dask_settings_need_dask(self):
+        if self.task_runner != "dask" and (self.dask_address or self.dask_workers):
+            raise ValueError("runner.dask_address and runner.dask_workers apply to runner.task_runner: dask "
+                             f"(it is {self.task_runner!r})")
+        return self
 
 
 class NotifyConfig(Section):

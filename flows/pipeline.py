@@ -27,6 +27,7 @@ from tasks.extract import extract_task
 from tasks.filter import filter_task
 from tasks.stage import prepared, result_store
 from tasks.tokenize import tokenize_task
+from tasks.workers import dask_cluster
 from tasks.train import train_task
 
 STAGES = [("collect", collect_task), ("extract", extract_task), ("filter", filter_task),
@@ -60,23 +61,25 @@ def pipeline(config_path: str | None = None, overrides: list[str] | None = None)
     inputs: list[dict] = []
     stage = "collect"
     try:
-        running = _collect_and_extract(ctx, sections)
-        for stage, task in STAGES:
-            if stage in running:
-                manifest = running[stage].result()
-            elif stage == "train" and cfg.runner.train_deployment:
-                manifest = _train_on_deployment(cfg.runner.train_deployment, ctx, sections[stage], inputs)
-            else:
-                manifest = prepared(task, ctx, sections[stage], inputs)(ctx, sections[stage], inputs)
-            manifests[stage] = manifest
-            if manifest["rows"] == 0:
-                msg = empty_stage_message(stage, manifest)
-                tracking.client().set_tag(parent, "ssl_pipeline.stopped_at", stage)
-                _report(parent, manifests)
-                tracking.end_run(parent, ok=False)
-                notify_failure(cfg, parent, stage, msg)
-                return Failed(message=msg)
-            inputs = [manifest]
+        # a Dask cluster for the shards of work of the data stages, when runner.task_runner is dask
+        with dask_cluster(cfg.runner.model_dump(mode="json")) as ctx["runner"]:
+            running = _collect_and_extract(ctx, sections)
+            for stage, task in STAGES:
+                if stage in running:
+                    manifest = running[stage].result()
+                elif stage == "train" and cfg.runner.train_deployment:
+                    manifest = _train_on_deployment(cfg.runner.train_deployment, ctx, sections[stage], inputs)
+                else:
+                    manifest = prepared(task, ctx, sections[stage], inputs)(ctx, sections[stage], inputs)
+                manifests[stage] = manifest
+                if manifest["rows"] == 0:
+                    msg = empty_stage_message(stage, manifest)
+                    tracking.client().set_tag(parent, "ssl_pipeline.stopped_at", stage)
+                    _report(parent, manifests)
+                    tracking.end_run(parent, ok=False)
+                    notify_failure(cfg, parent, stage, msg)
+                    return Failed(message=msg)
+                inputs = [manifest]
     except BaseException as e:
         tracking.end_run(parent, ok=False)
         notify_failure(cfg, parent, stage, f"{type(e).__name__}: {e}")

@@ -89,6 +89,8 @@ def stage_metrics(manifest: dict, inputs: list[dict]) -> dict[str, float]:
          "bytes_in": float(inputs[0]["bytes"]) if inputs else 0.0,
          "bytes_out": float(manifest["bytes"]), "seconds": float(manifest.get("seconds", 0.0))}
     m.update({f"dropped.{reason}": float(n) for reason, n in manifest["reasons"].items()})
+    if "dask_workers" in manifest:  # its shards ran as Prefect tasks on Dask
+        m.update(dask_workers=float(len(manifest["dask_workers"])), dask_tasks=float(manifest["dask_tasks"]))
     return m
 
 

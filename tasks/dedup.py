@@ -18,7 +18,6 @@ with numpy instead of one Python call per shingle, so they are several times fas
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import time
@@ -40,9 +39,9 @@ from tqdm.auto import tqdm
 
 from flows import tracking
 from flows.config import DedupConfig
-from tasks.extract import process_pool
 from tasks.shards import StageWriter, fresh_tmp_dir, read_schema, sha256_text, with_fields
 from tasks.stage import stage_dir, stage_task
+from tasks.workers import pool_extra, shard_pool
 
 NON_WORD_RE = re.compile(r"[^\w\s]+")
 SCHEME = "affine32"          # datasketch 2.x default, recorded so signatures stay comparable
@@ -163,12 +162,13 @@ def _with_links(pairs: np.ndarray, first: np.ndarray) -> np.ndarray:
     return np.unique(np.concatenate([pairs, first[rows] * n + rows]))
 
 
-def side_files(cfg: DedupConfig, docs: dict, work: Path) -> list[str]:
-    """One side file per input shard (hash, length, band keys), computed in worker processes."""
-    with process_pool(cfg.processes or os.cpu_count() or 1) as pool:
+def side_files(cfg: DedupConfig, docs: dict, work: Path, runner: dict | None = None) -> tuple[list[str], dict]:
+    """One side file per input shard (hash, length, band keys), computed in worker processes or
+    on Dask (``runner``; its workers must see ``work`` and the input: a shared file system)."""
+    with shard_pool(runner, "dedup", cfg.processes) as pool:
         futures = [pool.submit(shard_keys, str(Path(docs["dir"]) / f["path"]), str(work / f"keys-{i:05d}.parquet"), cfg)
                    for i, f in enumerate(docs["files"])]
-        return [f.result() for f in tqdm(futures, desc="dedup (signatures)", unit="shard")]
+        return [f.result() for f in tqdm(futures, desc="dedup (signatures)", unit="shard")], pool_extra(pool)
 
 
 def _column(files: list[str], name: str) -> pa.Array:
@@ -216,12 +216,12 @@ def survivors(files: list[str], labels: np.ndarray, rule: str) -> tuple[np.ndarr
     return best[labels], ids
 
 
-def dedup(cfg, docs: dict, stage_dir: str | Path) -> dict:
+def dedup(cfg, docs: dict, stage_dir: str | Path, runner: dict | None = None) -> dict:
     """Run the dedup stage over the filter manifest ``docs``; returns its manifest."""
     t0 = time.time()
     work = fresh_tmp_dir(Path(stage_dir).with_name(Path(stage_dir).name + "-keys"))
     try:
-        files = side_files(cfg, docs, work)
+        files, spread = side_files(cfg, docs, work, runner)
         labels, same_text = clusters(cfg, files)
         keep, ids = survivors(files, labels, cfg.survivor)
         sizes = np.bincount(labels) if len(labels) else labels
@@ -248,7 +248,7 @@ def dedup(cfg, docs: dict, stage_dir: str | Path) -> dict:
                         i += 1
                     bar.update(batch.num_rows)
             w.extra = {"seconds": round(time.time() - t0, 3), "input_rows": docs["rows"],
-                       "clusters": int(np.count_nonzero(sizes)), "minhash": signature_params(cfg)}
+                       "clusters": int(np.count_nonzero(sizes)), "minhash": signature_params(cfg), **spread}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return w.manifest
@@ -257,7 +257,7 @@ def dedup(cfg, docs: dict, stage_dir: str | Path) -> dict:
 @stage_task("dedup")
 def dedup_task(ctx: dict, section: dict, inputs: list[dict], run_id: str) -> tuple[dict, dict]:
     cfg = DedupConfig.model_validate(section)
-    manifest = dedup(cfg, inputs[0], stage_dir(ctx, "dedup"))
+    manifest = dedup(cfg, inputs[0], stage_dir(ctx, "dedup"), ctx.get("runner"))
     tracking.client().log_batch(run_id, params=[Param(f"minhash.{k}", str(v))
                                                 for k, v in manifest["minhash"].items()])
     return manifest, {"clusters": float(manifest["clusters"])}

@@ -10,16 +10,11 @@ time limit as ``extract_timeout``.
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
-import os
 import re
-import signal
 import time
-from collections import deque
-from concurrent.futures import ProcessPoolExecutor
 from html import unescape
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 from urllib.parse import urlsplit
 
 import pyarrow as pa
@@ -29,6 +24,7 @@ from tqdm.auto import tqdm
 from flows.config import ExtractConfig
 from tasks.shards import StageWriter, follow_rows, iter_rows
 from tasks.stage import stage_dir, stage_task
+from tasks.workers import TimeLimit, batched, in_order, pool_extra, shard_pool, time_limit
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +35,8 @@ DOC_SCHEMA = pa.schema([
     ("text", pa.string()),
 ])
 META = ("title", "date", "hostname", "language")
-BATCH = 16
-
-
-class PageTimeout(Exception):
-    pass
-
-
-def _alarm(signum, frame):
-    raise PageTimeout()
+BATCH = 16        # pages per shard of work in local processes
+DASK_BATCH = 64   # per Prefect task on Dask (~4 s), where each one costs a few API calls
 
 
 TITLE_RE = re.compile(r"<title[^>]*>(.*?)</title\s*>", re.I | re.S)
@@ -72,64 +61,46 @@ def extract_page(html: str, url: str, opts: dict) -> dict | None:
 
 
 def extract_batch(pages: list[tuple[str, str]], opts: dict, timeout_s: float) -> list[tuple[str, dict | str]]:
-    """Run in a worker process: ("ok", fields) | ("no_main_text", "") | ("extract_timeout"|"extract_error", msg)."""
-    signal.signal(signal.SIGALRM, _alarm)
+    """A shard of work, in a worker: ("ok", fields) | ("no_main_text", "") | ("extract_timeout"|"extract_error", msg)."""
     out = []
     for html, url in pages:
         if not html:  # plain-text pages are handled by the caller
             out.append(("no_main_text", ""))
             continue
-        signal.setitimer(signal.ITIMER_REAL, timeout_s)
         try:
-            fields = extract_page(html, url, opts)
+            with time_limit(timeout_s):
+                fields = extract_page(html, url, opts)
             out.append(("ok", fields) if fields else ("no_main_text", ""))
-        except PageTimeout:
+        except TimeLimit:
             out.append(("extract_timeout", f"over {timeout_s}s"))
         except Exception as e:  # trafilatura/lxml can raise on hostile markup
             out.append(("extract_error", repr(e)[:500]))
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
     return out
 
 
-def _batches(pages: Iterable[dict]) -> Iterator[list[dict]]:
-    batch: list[dict] = []
-    for page in pages:
-        batch.append(page)
-        if len(batch) == BATCH:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def process_pool(processes: int) -> ProcessPoolExecutor:
-    """Worker processes for a stage (extract, dedup). Fork: they start in milliseconds with the
-    stage's modules (trafilatura, numpy) already imported."""
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    return ProcessPoolExecutor(max_workers=processes, mp_context=ctx)
-
-
-def extract(cfg: ExtractConfig, pages: dict | Iterable[dict], stage_dir: str | Path) -> dict:
+def extract(cfg: ExtractConfig, pages: dict | Iterable[dict], stage_dir: str | Path,
+            runner: dict | None = None) -> dict:
     """Run the extract stage over the collect manifest ``pages``, or over collected rows as they
-    come (``follow_rows`` of a collect still running); returns its manifest."""
+    come (``follow_rows`` of a collect still running); returns its manifest. ``runner``: where
+    the batches of pages are extracted (``tasks.workers.shard_pool``)."""
     t0 = time.time()
     opts = {"favor_precision": cfg.favor_precision, "favor_recall": cfg.favor_recall,
             "include_tables": cfg.include_tables, "include_comments": cfg.include_comments,
             "with_metadata": cfg.with_metadata}
-    processes = cfg.processes or os.cpu_count() or 1
     total = pages["rows"] if isinstance(pages, dict) else None
     rows = iter_rows(pages) if isinstance(pages, dict) else pages
-    with StageWriter("extract", stage_dir, DOC_SCHEMA) as w, process_pool(processes) as pool, \
+    with StageWriter("extract", stage_dir, DOC_SCHEMA) as w, shard_pool(runner, "extract", cfg.processes) as pool, \
             tqdm(total=total, desc="extract", unit="page") as bar:
-        in_flight: deque = deque()
         seen = 0
 
-        def drain_one() -> None:
-            nonlocal seen
-            batch, future = in_flight.popleft()
+        def submit(batch: list[dict]):
+            html = [(p["html"] if p["content_type"] != "text/plain" else "", p["url"]) for p in batch]
+            return pool.submit(extract_batch, html, opts, cfg.timeout_s)
+
+        batches = batched(rows, BATCH if pool.workers is None else DASK_BATCH, total, pool.width)
+        for batch, results in in_order(pool, batches, submit):
             seen += len(batch)
-            for page, (status, value) in zip(batch, future.result()):
+            for page, (status, value) in zip(batch, results):
                 row = {k: page[k] for k in ("doc_id", "source", "url", "fetched_at", "content_sha256")}
                 row.update({k: None for k in META}, text=None)
                 if page["content_type"] == "text/plain":
@@ -142,15 +113,7 @@ def extract(cfg: ExtractConfig, pages: dict | Iterable[dict], stage_dir: str | P
                         log.warning("extract: %s: %s %s", page["url"], status, value)
                     w.drop(row, status)
             bar.update(len(batch))
-
-        for batch in _batches(rows):  # bounded read-ahead keeps memory flat, output stays in order
-            html = [(p["html"] if p["content_type"] != "text/plain" else "", p["url"]) for p in batch]
-            in_flight.append((batch, pool.submit(extract_batch, html, opts, cfg.timeout_s)))
-            if len(in_flight) >= 2 * processes:
-                drain_one()
-        while in_flight:
-            drain_one()
-        w.extra = {"seconds": round(time.time() - t0, 3), "input_rows": seen, "processes": processes}
+        w.extra = {"seconds": round(time.time() - t0, 3), "input_rows": seen, **pool_extra(pool)}
     return w.manifest
 
 
@@ -158,4 +121,4 @@ def extract(cfg: ExtractConfig, pages: dict | Iterable[dict], stage_dir: str | P
 def extract_task(ctx: dict, section: dict, inputs: list[dict], run_id: str, follow: dict | None = None) -> dict:
     """Extract main text; the flow runs it beside collect, following collect's shards as they come."""
     pages = follow_rows(stage_dir(ctx, follow["stage"]), follow["state"]) if follow else inputs[0]
-    return extract(ExtractConfig.model_validate(section), pages, stage_dir(ctx, "extract"))
+    return extract(ExtractConfig.model_validate(section), pages, stage_dir(ctx, "extract"), ctx.get("runner"))

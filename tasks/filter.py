@@ -28,11 +28,14 @@ from tasks.extract import DOC_SCHEMA
 from flows.config import FilterConfig
 from tasks.shards import StageWriter, iter_rows, with_fields
 from tasks.stage import stage_dir, stage_task
+from tasks.workers import batched, in_order, pool_extra, shard_pool
 
 WORD_RE = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]+")  # words and runs of punctuation, like nltk's word_tokenize
 PUNCTUATION = set(string.punctuation) | set("“”‘’«»…–—•")
 PARAGRAPH_RE = re.compile(r"\n{2,}")
 BULLETS = ("•", "-")   # the bullets Gopher's rule counts, as in datatrove
+BATCH = 64             # documents per shard of work (~1 s): enough shards to keep every worker busy
+DASK_BATCH = 128       # per Prefect task on Dask, where each one costs a few API calls
 class Rule(NamedTuple):
     name: str       # reason suffix
     score: str      # score it reads
@@ -331,35 +334,56 @@ def mask_pii(text: str, cfg) -> tuple[str, int]:
     return text, n
 
 
-def filter_docs(cfg, docs: dict, stage_dir: str | Path) -> dict:
-    """Run the filter stage over the extract manifest ``docs``; returns its manifest.
+def filter_batch(rows: list[dict], cfg) -> tuple[list[tuple[dict, str | None]], Counter, int]:
+    """A shard of work, in a worker: each row with its scores and the reason it fails (None: kept,
+    with the text as the filters left it); C4's removed lines by rule; PII masked."""
+    filters = build_filters(cfg)
+    out: list[tuple[dict, str | None]] = []
+    lines_removed: Counter[str] = Counter()
+    masked = 0
+    for row in rows:
+        doc = Doc(row["text"], row["url"])
+        scores, reason = judge(doc, filters)
+        if reason:
+            out.append(({**row, **scores}, reason))
+            continue
+        lines_removed.update({k.split("lines_removed_")[1]: int(v) for k, v in scores.items()
+                              if "lines_removed_" in k})
+        text, n = mask_pii(doc.text, cfg.pii)
+        masked += n
+        out.append(({**row, **scores, "text": text}, None))
+    return out, lines_removed, masked
+
+
+def filter_docs(cfg, docs: dict, stage_dir: str | Path, runner: dict | None = None) -> dict:
+    """Run the filter stage over the extract manifest ``docs``; returns its manifest. Batches of
+    documents are judged in worker processes, or on Dask (``runner``, see tasks.workers).
 
     Kept documents carry the text as the filters left it (C4's line removal, masking);
     dropped ones the text they came with."""
     t0 = time.time()
-    filters = build_filters(cfg)
-    schema = with_fields(DOC_SCHEMA, score_fields(filters))
+    schema = with_fields(DOC_SCHEMA, score_fields(build_filters(cfg)))  # loads the language model before fork
     lines_removed: Counter[str] = Counter()
     masked = 0
-    with StageWriter("filter", stage_dir, schema) as w:
-        for row in tqdm(iter_rows(docs), total=docs["rows"], desc="filter", unit="doc"):
-            doc = Doc(row["text"], row["url"])
-            scores, reason = judge(doc, filters)
-            if reason:
-                w.drop({**row, **scores}, reason)
-                continue
-            lines_removed.update({k.split("lines_removed_")[1]: int(v) for k, v in scores.items()
-                                  if "lines_removed_" in k})
-            text, n = mask_pii(doc.text, cfg.pii)
+    with StageWriter("filter", stage_dir, schema) as w, shard_pool(runner, "filter", cfg.processes) as pool, \
+            tqdm(total=docs["rows"], desc="filter", unit="doc") as bar:
+        batches = batched(iter_rows(docs), BATCH if pool.workers is None else DASK_BATCH, docs["rows"], pool.width)
+        for batch, (judged, removed, n) in in_order(pool, batches, lambda b: pool.submit(filter_batch, b, cfg)):
+            for row, reason in judged:
+                if reason:
+                    w.drop(row, reason)
+                else:
+                    w.keep(row)
+            lines_removed.update(removed)
             masked += n
-            w.keep({**row, **scores, "text": text})
+            bar.update(len(batch))
         w.extra = {"seconds": round(time.time() - t0, 3), "input_rows": docs["rows"],
-                   "lines_removed": dict(sorted(lines_removed.items())), "pii_masked": masked}
+                   "lines_removed": dict(sorted(lines_removed.items())), "pii_masked": masked, **pool_extra(pool)}
     return w.manifest
 
 
 @stage_task("filter")
 def filter_task(ctx: dict, section: dict, inputs: list[dict], run_id: str) -> tuple[dict, dict]:
-    m = filter_docs(FilterConfig.model_validate(section), inputs[0], stage_dir(ctx, "filter"))
+    m = filter_docs(FilterConfig.model_validate(section), inputs[0], stage_dir(ctx, "filter"), ctx.get("runner"))
     return m, {"pii_masked": float(m["pii_masked"]),
                **{f"c4_lines_removed.{k}": float(v) for k, v in m["lines_removed"].items()}}

@@ -82,10 +82,11 @@ def stage_dir(ctx: dict, stage: str) -> Path:
 def stage_task(name: str, sources: Callable[[dict, dict], str] | None = None) -> Callable:
     """``sources(ctx, section)``: a fingerprint of what a stage without inputs reads (collect)."""
     def decorate(fn: Callable) -> Callable:
-        code = functools.cache(lambda: code_version(fn.__module__))  # once the module has loaded
+        code: list[str] = []  # computed once the module has loaded (a plain closure: the task pickles, for Dask)
 
         def key(parameters: dict) -> str:
-            return cache_key(name, code(), sources(parameters["ctx"], parameters["section"]) if sources else None,
+            code[:] = code or [code_version(fn.__module__)]
+            return cache_key(name, code[0], sources(parameters["ctx"], parameters["section"]) if sources else None,
                              parameters)
 
         @task(name=name, task_run_name=name, persist_result=True, result_serializer="json",

@@ -1,0 +1,167 @@
+"""Where a stage's shards of work run: worker processes beside the stage, or Prefect tasks on Dask.
+
+extract, filter and dedup split their input into shards of work (a batch of pages or
+documents, an input shard) and hand them to a pool with ``submit(fn, *args)``. By default
+(``runner.task_runner: local``) that is a pool of forked processes. With ``task_runner: dask``
+every shard is a Prefect task run (``extract-shard-3``) that prefect-dask's ``DaskTaskRunner``
+sends to the Dask cluster at ``runner.dask_address``; the flow starts a ``LocalCluster`` for
+the run when no address is given. Results come back to the stage, which writes its shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing as mp
+import os
+import threading
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Callable, Iterable, Iterator
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
+
+
+class TimeLimit(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise ``TimeLimit`` in this thread once ``seconds`` have passed. Like a SIGALRM handler it
+    interrupts at the next Python bytecode, but it works in any thread (a Dask worker runs its
+    tasks in threads, where signal handlers cannot be set)."""
+    tid, lock, state = threading.get_ident(), threading.Lock(), {"done": False, "fired": False}
+
+    def fire() -> None:
+        with lock:
+            if not state["done"]:
+                state["fired"] = True
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), ctypes.py_object(TimeLimit))
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        with lock:
+            state["done"] = True
+            if state["fired"]:  # fired but maybe not yet raised: withdraw it
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), None)
+        timer.cancel()
+
+
+def process_pool(processes: int) -> ProcessPoolExecutor:
+    """Worker processes for a stage. Fork: they start in milliseconds with the stage's modules
+    (trafilatura, numpy, the language model) already imported."""
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    pool = ProcessPoolExecutor(max_workers=processes, mp_context=ctx)
+    pool.width, pool.workers = processes, None
+    return pool
+
+
+@task(name="shard", cache_policy=NO_CACHE, persist_result=False)
+def run_shard(fn: Callable, args: tuple, index: int) -> dict:
+    """One shard of a stage's work, on a Dask worker."""
+    from distributed import get_worker
+    return {"worker": get_worker().address, "value": fn(*args)}
+
+
+class DaskShards:
+    """``submit(fn, *args)`` as a Prefect task run on the Dask cluster; ``workers``: those that ran one."""
+
+    def __init__(self, runner, stage: str):
+        self.runner, self.stage, self.count, self.workers = runner, stage, 0, set()
+        self.task = run_shard.with_options(name=f"{stage}-shard", task_run_name=f"{stage}-shard-{{index}}")
+        self.width = sum(runner.client.nthreads().values())
+
+    def submit(self, fn: Callable, *args) -> "DaskShards.Result":
+        # submitted as tasks of the flow run, not of the stage's task run: that one's context
+        # (its parameters, its task) does not travel to a worker
+        token = TaskRunContext.__var__.set(None)
+        try:
+            future = self.runner.submit(self.task, {"fn": fn, "args": args, "index": self.count})
+        finally:
+            TaskRunContext.__var__.reset(token)
+        self.count += 1
+        return self.Result(future, self.workers)
+
+    class Result:
+        def __init__(self, future, workers: set):
+            self.future, self.workers = future, workers
+
+        def result(self) -> Any:
+            out = self.future.result()
+            self.workers.add(out["worker"])
+            return out["value"]
+
+
+@contextlib.contextmanager
+def shard_pool(runner: dict | None, stage: str, processes: int | None) -> Iterator[Any]:
+    """The pool a stage submits its shards of work to: ``processes`` (default: one per core)
+    local processes, or Dask (``runner`` is the run's ``runner`` config, with the address)."""
+    if not runner or runner.get("task_runner", "local") == "local":
+        with process_pool(processes or os.cpu_count() or 1) as pool:
+            yield pool
+        return
+    from prefect_dask import DaskTaskRunner
+    with DaskTaskRunner(address=runner["dask_address"]) as dask:
+        yield DaskShards(dask, stage)
+
+
+def in_order(pool, batches: Iterable[Any], submit: Callable[[Any], Any]) -> Iterator[tuple[Any, Any]]:
+    """(batch, result) of ``submit(batch)`` for every batch, in order, reading at most four batches
+    per worker ahead: memory stays flat and the output keeps the input's order."""
+    in_flight: deque = deque()
+    for batch in batches:
+        in_flight.append((batch, submit(batch)))
+        if len(in_flight) >= 4 * pool.width:
+            done, future = in_flight.popleft()
+            yield done, future.result()
+    while in_flight:
+        done, future = in_flight.popleft()
+        yield done, future.result()
+
+
+def pool_extra(pool) -> dict:
+    """For the stage's manifest: how its work was spread."""
+    if pool.workers is None:
+        return {"processes": pool.width}
+    return {"task_runner": "dask", "dask_workers": sorted(pool.workers), "dask_tasks": pool.count}
+
+
+def batched(rows: Iterable[Any], largest: int, total: int | None = None, workers: int = 1) -> Iterator[list[Any]]:
+    """Shards of work of at most ``largest`` rows. When the ``total`` is known they shrink as the
+    end nears (guided scheduling: what is left, shared by twice the ``workers``), so the workers
+    finish together instead of one of them working through a last large batch alone."""
+    def target(left: int) -> int:
+        return largest if total is None else max(largest // 8, min(largest, -(-left // (2 * workers))), 1)
+
+    batch: list[Any] = []
+    left = total or 0
+    size = target(left)
+    for row in rows:
+        batch.append(row)
+        if len(batch) >= size:
+            yield batch
+            left -= len(batch)
+            batch, size = [], target(left)
+    if batch:
+        yield batch
+
+
+@contextlib.contextmanager
+def dask_cluster(runner: dict) -> Iterator[dict]:
+    """The run's ``runner`` config, with a ``dask_address``: the configured scheduler's, or that of
+    a LocalCluster started here for the run (one single-threaded worker process per core, or
+    ``dask_workers``; listening on 127.0.0.1 only)."""
+    if runner.get("task_runner") != "dask" or runner.get("dask_address"):
+        yield runner
+        return
+    from distributed import LocalCluster
+    with LocalCluster(n_workers=runner.get("dask_workers") or os.cpu_count() or 1, threads_per_worker=1,
+                      processes=True, host="127.0.0.1", dashboard_address=None) as cluster:
+        yield {**runner, "dask_address": cluster.scheduler_address}
