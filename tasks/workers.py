@@ -136,19 +136,23 @@ def pool_extra(pool) -> dict:
 def batched(rows: Iterable[Any], largest: int, total: int | None = None, workers: int = 1) -> Iterator[list[Any]]:
     """Shards of work of at most ``largest`` rows. When the ``total`` is known they shrink as the
     end nears (guided scheduling: what is left, shared by twice the ``workers``), so the workers
-    finish together instead of one of them working through a last large batch alone."""
-    def target(left: int) -> int:
-        return largest if total is None else max(largest // 8, min(largest, -(-left // (2 * workers))), 1)
+    finish together instead of one of them working through a last large batch alone. When it is
+    not (rows still being collected) they start at a quarter of ``largest`` and double: a small
+    input still reaches every worker."""
+    def target(left: int, emitted: int) -> int:
+        if total is None:
+            return min(largest, max(largest // 4, 1) << (emitted // workers))
+        return max(largest // 8, min(largest, -(-left // (2 * workers))), 1)
 
     batch: list[Any] = []
-    left = total or 0
-    size = target(left)
+    left, emitted = total or 0, 0
+    size = target(left, emitted)
     for row in rows:
         batch.append(row)
         if len(batch) >= size:
             yield batch
-            left -= len(batch)
-            batch, size = [], target(left)
+            left, emitted = left - len(batch), emitted + 1
+            batch, size = [], target(left, emitted)
     if batch:
         yield batch
 

@@ -14,7 +14,7 @@ from infra.services import free_port
 from tasks.dedup import dedup
 from tasks.extract import extract
 from tasks.filter import filter_docs
-from tasks.workers import TimeLimit, time_limit
+from tasks.workers import TimeLimit, batched, time_limit
 from tests.conftest import BIN, ROOT, run_cli
 from tests.test_e2e import flow_run_id, parent_runs, stage_runs, task_states, write_config
 from tests.test_postgres import compose_service
@@ -110,3 +110,13 @@ def test_time_limit_interrupts_work_in_a_thread_that_is_not_the_main_one():
     t.join(10)
     assert not t.is_alive() and out == {"cut": True, "after": 499500}
 
+
+
+def test_shards_of_work_keep_the_order_and_shrink_towards_the_end():
+    rows = list(range(321))
+    known = list(batched(rows, 64, total=len(rows), workers=2))
+    sizes = [len(b) for b in known]
+    assert sum(known, []) == rows
+    assert sizes[0] == 64 and sizes == sorted(sizes, reverse=True) and sizes[-1] <= 8   # workers finish together
+    following = [len(b) for b in batched(iter(rows[:62]), 64, workers=2)]   # the total is not known yet
+    assert following[0] == 16 and sum(following) == 62 and len(following) >= 3
