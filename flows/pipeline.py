@@ -27,8 +27,8 @@ from tasks.extract import extract_task
 from tasks.filter import filter_task
 from tasks.stage import prepared, result_store
 from tasks.tokenize import tokenize_task
-from tasks.workers import dask_cluster
 from tasks.train import train_task
+from tasks.workers import dask_cluster
 
 STAGES = [("collect", collect_task), ("extract", extract_task), ("filter", filter_task),
           ("dedup", dedup_task), ("tokenize", tokenize_task), ("train", train_task)]

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from flows.config import ExtractConfig
 from tasks.shards import StageWriter, follow_rows, iter_rows
 from tasks.stage import stage_dir, stage_task
-from tasks.workers import TimeLimit, batched, in_order, pool_extra, shard_pool, time_limit
+from tasks.workers import DaskShards, TimeLimit, batched, in_order, pool_extra, shard_pool, time_limit
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def extract(cfg: ExtractConfig, pages: dict | Iterable[dict], stage_dir: str | P
             html = [(p["html"] if p["content_type"] != "text/plain" else "", p["url"]) for p in batch]
             return pool.submit(extract_batch, html, opts, cfg.timeout_s)
 
-        batches = batched(rows, BATCH if pool.workers is None else DASK_BATCH, total, pool.width)
+        batches = batched(rows, DASK_BATCH if isinstance(pool, DaskShards) else BATCH, total, pool.width)
         for batch, results in in_order(pool, batches, submit):
             seen += len(batch)
             for page, (status, value) in zip(batch, results):

@@ -28,7 +28,7 @@ from tasks.extract import DOC_SCHEMA
 from flows.config import FilterConfig
 from tasks.shards import StageWriter, iter_rows, with_fields
 from tasks.stage import stage_dir, stage_task
-from tasks.workers import batched, in_order, pool_extra, shard_pool
+from tasks.workers import DaskShards, batched, in_order, pool_extra, shard_pool
 
 WORD_RE = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]+")  # words and runs of punctuation, like nltk's word_tokenize
 PUNCTUATION = set(string.punctuation) | set("“”‘’«»…–—•")
@@ -367,7 +367,7 @@ def filter_docs(cfg, docs: dict, stage_dir: str | Path, runner: dict | None = No
     masked = 0
     with StageWriter("filter", stage_dir, schema) as w, shard_pool(runner, "filter", cfg.processes) as pool, \
             tqdm(total=docs["rows"], desc="filter", unit="doc") as bar:
-        batches = batched(iter_rows(docs), BATCH if pool.workers is None else DASK_BATCH, docs["rows"], pool.width)
+        batches = batched(iter_rows(docs), DASK_BATCH if isinstance(pool, DaskShards) else BATCH, docs["rows"], pool.width)
         for batch, (judged, removed, n) in in_order(pool, batches, lambda b: pool.submit(filter_batch, b, cfg)):
             for row, reason in judged:
                 if reason:

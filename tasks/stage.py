@@ -85,7 +85,8 @@ def stage_task(name: str, sources: Callable[[dict, dict], str] | None = None) ->
         code: list[str] = []  # computed once the module has loaded (a plain closure: the task pickles, for Dask)
 
         def key(parameters: dict) -> str:
-            code[:] = code or [code_version(fn.__module__)]
+            if not code:
+                code.append(code_version(fn.__module__))
             return cache_key(name, code[0], sources(parameters["ctx"], parameters["section"]) if sources else None,
                              parameters)
 

@@ -59,7 +59,7 @@ def process_pool(processes: int) -> ProcessPoolExecutor:
     (trafilatura, numpy, the language model) already imported."""
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     pool = ProcessPoolExecutor(max_workers=processes, mp_context=ctx)
-    pool.width, pool.workers = processes, None
+    pool.width = processes   # how many shards run at once, as DaskShards.width
     return pool
 
 
@@ -74,7 +74,7 @@ class DaskShards:
     """``submit(fn, *args)`` as a Prefect task run on the Dask cluster; ``workers``: those that ran one."""
 
     def __init__(self, runner, stage: str):
-        self.runner, self.stage, self.count, self.workers = runner, stage, 0, set()
+        self.runner, self.count, self.workers = runner, 0, set()
         self.task = run_shard.with_options(name=f"{stage}-shard", task_run_name=f"{stage}-shard-{{index}}")
         self.width = sum(runner.client.nthreads().values())
 
@@ -128,7 +128,7 @@ def in_order(pool, batches: Iterable[Any], submit: Callable[[Any], Any]) -> Iter
 
 def pool_extra(pool) -> dict:
     """For the stage's manifest: how its work was spread."""
-    if pool.workers is None:
+    if not isinstance(pool, DaskShards):
         return {"processes": pool.width}
     return {"task_runner": "dask", "dask_workers": sorted(pool.workers), "dask_tasks": pool.count}
 

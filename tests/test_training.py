@@ -99,9 +99,10 @@ def test_contrastive_objective_trains_and_reports_retrieval(tmp_path, stages):
     result, events = run_events(cfg, s, stages["tokenize"]["dir"], tmp_path)
     losses = [m["loss"] for kind, _, m in events if kind == "train"]
     assert sum(losses[-5:]) < sum(losses[:5])
-    # chance: 1 in a batch's size, averaged over the validation windows (the last batch may be short)
+    # chance: 1 in its batch's size for each validation window, averaged over the windows (the last
+    # batch may be short): one per batch, over the number of windows
     val = TokenShards(stages["tokenize"]["dir"], "val").fixed_batches(s.batch_size, cfg.block_size, s.eval_batches)
-    chance = sum(len(x) * (1 / len(x)) for x, _ in val) / sum(len(x) for x, _ in val)
+    chance = len(val) / sum(len(x) for x, _ in val)
     assert 0 <= result["val_retrieval_accuracy"] <= 1 and result["val_retrieval_chance"] == pytest.approx(chance)
     with pytest.raises(ValueError, match="dropout > 0"):
         train(preset("test", 1024), s, stages["tokenize"]["dir"], tmp_path / "x")
