@@ -286,8 +286,8 @@ class RunnerConfig(Section):
                                                            "(e.g. ssl-train/gpu, on a GPU work pool) with "
                                                            "run_deployment; null: in the pipeline's process.")
     task_runner: Literal["local", "dask"] = Field(
-        "local", description="Where the shards of work of extract, filter and dedup run: local worker processes, "
-                             "or Prefect tasks on a Dask cluster (prefect-dask).")
+        "local", description="Where the shards of work of collect (WARC/WET and table files), extract, filter and "
+                             "dedup run: local worker processes, or Prefect tasks on a Dask cluster (prefect-dask).")
     dask_address: str | None = Field(None, description="Scheduler of a running Dask cluster (tcp://host:8786) for "
                                                        "task_runner: dask; null: a LocalCluster for each run. Its "
                                                        "workers need this package and the data_dir (shared storage).")

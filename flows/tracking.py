@@ -15,6 +15,7 @@ from mlflow.data.http_dataset_source import HTTPDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.data.sources import LocalArtifactDatasetSource
 from mlflow.entities import Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from flows.config import PipelineConfig, flatten
@@ -29,8 +30,17 @@ def client() -> MlflowClient:
 
 
 def experiment_id(name: str) -> str:
+    """The experiment's id, created on first use. Two runs starting together may both find it
+    missing: the one whose create loses the race takes the winner's."""
     exp = client().get_experiment_by_name(name)
-    return exp.experiment_id if exp else client().create_experiment(name)
+    if exp:
+        return exp.experiment_id
+    try:
+        return client().create_experiment(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client().get_experiment_by_name(name).experiment_id
 
 
 def _find_run(exp_id: str, flow_run_id: str, stage: str | None) -> str | None:

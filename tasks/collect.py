@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from html import unescape
 from pathlib import Path
+from typing import Callable, Iterable
 from urllib.parse import urldefrag, urljoin, urlsplit
 
 import fsspec
@@ -44,6 +45,7 @@ from flows.config import CollectConfig
 from tasks import pydoc_site, readers
 from tasks.shards import StageWriter, read_manifest, read_table, sha256_text, write_json
 from tasks.stage import stage_dir, stage_task
+from tasks.workers import in_order, pool_extra, shard_pool
 
 log = logging.getLogger(__name__)
 
@@ -514,13 +516,36 @@ def write_records(records, writer: StageWriter, desc: str, done: Done) -> None:
                                  f.get("fetched_at"), f.get("record_id")), rec[2])
 
 
+def file_records(read: Callable[..., Iterable[tuple]], args: tuple) -> list[tuple]:
+    """A shard of collect's work on a Dask worker: every record of one WARC/WET or table file."""
+    return list(read(*args))
+
+
+def read_files(files: list[tuple[str, Callable, tuple]], w: StageWriter, done: Done, runner: dict | None) -> dict:
+    """Write the records of ``(path, reader, args)`` files, in order. Locally a file is streamed
+    record by record; with ``runner.task_runner: dask`` each file is read on a Dask worker (a
+    Prefect task run ``collect-shard-N``), one file per worker at a time, and its records are
+    written here as they come back."""
+    if not files:
+        return {}
+    if not runner or runner.get("task_runner", "local") == "local":
+        for path, read, args in files:
+            write_records(read(*args), w, f"collect ({Path(path).name})", done)
+        return {}
+    with shard_pool(runner, "collect", None) as pool:
+        for (path, _, _), records in in_order(pool, files, lambda f: pool.submit(file_records, *f[1:]), ahead=1):
+            write_records(records, w, f"collect ({Path(path).name})", done)
+        return pool_extra(pool)
+
+
 def collect(cfg: CollectConfig, stage_dir: str | Path, start_urls: list[str] | None = None,
-            previous: dict | None = None) -> dict:
+            previous: dict | None = None, runner: dict | None = None) -> dict:
     """Run the collect stage into ``stage_dir``; returns its manifest.
 
     ``start_urls`` overrides ``cfg.start_urls`` (the flow passes the embedded site's URL).
     ``previous`` is the manifest of the last collect over the same sources: what has not
-    changed since is carried over instead of fetched again.
+    changed since is carried over instead of fetched again. ``runner``: where WARC/WET and table
+    files are read (``read_files``); a crawl stays in this process, where per-host politeness is kept.
     """
     prev = Previous(previous)
     signatures: dict[str, str] = {}
@@ -536,27 +561,29 @@ def collect(cfg: CollectConfig, stage_dir: str | Path, start_urls: list[str] | N
         done = Done(w)
         if cfg.paths:
             read_local(cfg.paths, w, cfg.max_pages, done)
-        files = [(p, f"warc:{p}", lambda p=p: readers.read_warc(p)) for p in cfg.warc_files]
-        files += [(t.path, f"table:{t.path}", lambda t=t: readers.read_table(t.path, t.text_column, t.url_column))
+        files = [(p, f"warc:{p}", readers.read_warc, (p,)) for p in cfg.warc_files]
+        files += [(t.path, f"table:{t.path}", readers.read_table, (t.path, t.text_column, t.url_column))
                   for t in cfg.tables]
-        for path, source, read in files:
+        changed = []
+        for path, source, read, args in files:
             signatures[source] = file_signature(path)
             same = prev.unchanged_rows(source, signatures[source])
             if same is None:
-                write_records(read(), w, f"collect ({Path(path).name})", done)
+                changed.append((path, read, args))
                 continue
             for row in same[0]:
                 w.keep(row)
             for row in same[1]:
                 w.drop({k: v for k, v in row.items() if k != "reason"}, row["reason"])
             reused += len(same[0]) + len(same[1])
+        spread = read_files(changed, w, done, runner)
         crawler = Crawler(cfg, w, prev, done)
         if seeds or cfg.sitemaps:
             asyncio.run(crawler.run(seeds, cfg.sitemaps))
         w.extra = {"seconds": round(time.time() - t0, 3), "signatures": signatures,
                    "not_modified": crawler.not_modified, "files_unchanged_rows": reused,
                    "sources": urls + cfg.url_lists + cfg.sitemaps + cfg.warc_files + [t.path for t in cfg.tables]
-                   + [str(Path(p).resolve()) for p in cfg.paths]}
+                   + [str(Path(p).resolve()) for p in cfg.paths], **spread}
     return w.manifest
 
 
@@ -591,7 +618,7 @@ def collect_task(ctx: dict, section: dict, inputs: list[dict], run_id: str) -> d
             "start_urls", "url_lists", "sitemaps", "warc_files", "tables", "paths"}), sort_keys=True).encode())
         state = Path(ctx["data_dir"]) / "collect-state" / f"{key.hexdigest()[:16]}.json"
         last = json.loads(state.read_text())["dir"] if state.exists() else None
-        manifest = collect(cfg, out, previous=read_manifest(last) if last else None)
+        manifest = collect(cfg, out, previous=read_manifest(last) if last else None, runner=ctx.get("runner"))
         write_json(state, {"dir": manifest["dir"]})
         return manifest, {k: float(manifest[k]) for k in ("not_modified", "files_unchanged_rows")}
     modules = tuple(cfg.pydoc_modules) if cfg.pydoc_modules is not None else pydoc_site.DEFAULT_MODULES

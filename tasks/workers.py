@@ -112,13 +112,13 @@ def shard_pool(runner: dict | None, stage: str, processes: int | None) -> Iterat
         yield DaskShards(dask, stage)
 
 
-def in_order(pool, batches: Iterable[Any], submit: Callable[[Any], Any]) -> Iterator[tuple[Any, Any]]:
-    """(batch, result) of ``submit(batch)`` for every batch, in order, reading at most four batches
-    per worker ahead: memory stays flat and the output keeps the input's order."""
+def in_order(pool, batches: Iterable[Any], submit: Callable[[Any], Any], ahead: int = 4) -> Iterator[tuple[Any, Any]]:
+    """(batch, result) of ``submit(batch)`` for every batch, in order, reading at most ``ahead``
+    batches per worker ahead: memory stays flat and the output keeps the input's order."""
     in_flight: deque = deque()
     for batch in batches:
         in_flight.append((batch, submit(batch)))
-        if len(in_flight) >= 4 * pool.width:
+        if len(in_flight) >= ahead * pool.width:
             done, future = in_flight.popleft()
             yield done, future.result()
     while in_flight:

@@ -6,18 +6,25 @@ import json
 import os
 import signal
 import subprocess
+import time
 
+import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
 
-from flows.config import ExtractConfig, load_config
+from flows.config import CollectConfig, ExtractConfig, TableSource, load_config
 from infra.services import free_port
+from tasks.collect import collect
 from tasks.dedup import dedup
 from tasks.extract import extract
 from tasks.filter import filter_docs
-from tasks.workers import TimeLimit, batched, time_limit
+from tasks.shards import read_table
+from tasks.workers import TimeLimit, batched, dask_cluster, time_limit
 from tests.conftest import BIN, ROOT, run_cli
 from tests.test_e2e import flow_run_id, parent_runs, stage_runs, task_states, write_config
 from tests.test_postgres import compose_service
+from tests.test_sources import PAGES, write_warc
 
 
 def test_pipeline_runs_its_shards_on_a_two_worker_dask_cluster(tmp_path, servers):
@@ -82,6 +89,31 @@ def test_shards_run_on_the_compose_dask_cluster_given_by_its_address(tmp_path, s
         for p in procs:
             os.killpg(p.pid, signal.SIGTERM)
             p.wait(30)
+
+
+def test_collect_reads_each_warc_and_table_file_on_a_dask_worker(tmp_path, servers, site_dir):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    for name in ("a", "b", "c"):
+        write_warc(tmp_path / f"{name}.warc.gz", site_dir)
+    pq.write_table(pa.table({"text": [(site_dir / p).read_text() for p in PAGES]}), tmp_path / "t.parquet")
+    cfg = CollectConfig(warc_files=[str(tmp_path / f"{n}.warc.gz") for n in "abc"],
+                        tables=[TableSource(path=str(tmp_path / "t.parquet"))])
+    local = collect(cfg, tmp_path / "local")
+    with dask_cluster({"task_runner": "dask", "dask_workers": 2}) as runner, \
+            temporary_settings({PREFECT_API_URL: servers["PREFECT_API_URL"]}):
+        m = collect(cfg, tmp_path / "dask", runner=runner)
+    assert m["task_runner"] == "dask" and m["dask_tasks"] == 4 and len(m["dask_workers"]) == 2
+    assert (m["digest"], m["rows"], m["reasons"]) == (local["digest"], local["rows"], local["reasons"])
+    assert [r["url"] for r in read_table(m).to_pylist()] == [r["url"] for r in read_table(local).to_pylist()]
+    # each file a Prefect task run; their states reach the server as events, a moment later
+    deadline = time.time() + 60
+    while True:
+        runs = httpx.post(f"{servers['PREFECT_API_URL']}/task_runs/filter",
+                          json={"task_runs": {"name": {"like_": "collect-shard-"}}}).json()
+        if (len(runs) >= 4 and all(r["state"]["type"] == "COMPLETED" for r in runs)) or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert len(runs) >= 4 and all(r["state"]["type"] == "COMPLETED" for r in runs), runs
 
 
 def test_dask_settings_without_dask_are_refused(tmp_path, servers):

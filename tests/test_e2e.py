@@ -190,6 +190,25 @@ class Receiver(http.server.ThreadingHTTPServer):
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
 
+def test_runs_starting_together_share_one_new_experiment(servers, monkeypatch):
+    """Two scheduled runs of a new experiment may both find it missing and both create it (seen
+    with two deployment runs started at once): every caller gets the one experiment, none fails."""
+    from concurrent.futures import ThreadPoolExecutor
+    from flows import tracking
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", servers["MLFLOW_TRACKING_URI"])
+    start = threading.Barrier(8)
+
+    def together(name: str) -> str:
+        start.wait()
+        return tracking.experiment_id(name)
+
+    with ThreadPoolExecutor(8) as pool:
+        for i in range(5):
+            name = f"race-{i}-{time.time_ns()}"
+            ids = list(pool.map(together, [name] * 8))
+            assert ids == [MlflowClient(servers["MLFLOW_TRACKING_URI"]).get_experiment_by_name(name).experiment_id] * 8
+
+
 def test_retry_after_a_failed_train_reuses_the_finished_stages(tmp_path, servers):
     config = tmp_path / "run.yaml"
     receiver = Receiver()
