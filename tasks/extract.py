@@ -88,6 +88,8 @@ def extract(cfg: ExtractConfig, pages: dict | Iterable[dict], stage_dir: str | P
             "include_tables": cfg.include_tables, "include_comments": cfg.include_comments,
             "with_metadata": cfg.with_metadata}
     total = pages["rows"] if isinstance(pages, dict) else None
+    # following a collect still running: its total is known once it has published (follow_rows.total)
+    known = total if total is not None else lambda: getattr(pages, "total", None)
     rows = iter_rows(pages) if isinstance(pages, dict) else pages
     with StageWriter("extract", stage_dir, DOC_SCHEMA) as w, shard_pool(runner, "extract", cfg.processes) as pool, \
             tqdm(total=total, desc="extract", unit="page") as bar:
@@ -97,7 +99,7 @@ def extract(cfg: ExtractConfig, pages: dict | Iterable[dict], stage_dir: str | P
             html = [(p["html"] if p["content_type"] != "text/plain" else "", p["url"]) for p in batch]
             return pool.submit(extract_batch, html, opts, cfg.timeout_s)
 
-        batches = batched(rows, DASK_BATCH if isinstance(pool, DaskShards) else BATCH, total, pool.width)
+        batches = batched(rows, DASK_BATCH if isinstance(pool, DaskShards) else BATCH, known, pool.width)
         for batch, results in in_order(pool, batches, submit):
             seen += len(batch)
             for page, (status, value) in zip(batch, results):

@@ -112,9 +112,9 @@ class StageWriter:
         self.row_digests: dict[str, list[bytes]] = {"kept": [], "dropped": []}
         self.extra: dict[str, Any] = {}
         self.resume, self.flush_every_s, self.last_flush = resume, flush_every_s, time.monotonic()
-        # the first shards come sooner (0.25 s, doubling up to flush_every_s): a stage that
+        # the first shards come sooner (0.1 s, doubling up to flush_every_s): a stage that
         # follows this one (extract follows collect) gets work early in a short crawl too
-        self.interval = min(0.25, flush_every_s or 0.0)
+        self.interval = min(0.1, flush_every_s or 0.0)
 
     def __enter__(self) -> "StageWriter":
         stale = sorted(self.final.parent.glob(f".{self.final.name}.tmp-*"), key=lambda p: p.stat().st_mtime)
@@ -237,37 +237,46 @@ def iter_rows(manifest: dict, columns: list[str] | None = None,
             yield from batch.to_pylist()
 
 
-def follow_rows(stage_dir: str | os.PathLike, state: Callable[[], str | None],
-                columns: list[str] | None = None, poll_s: float = 0.2) -> Iterator[dict]:
+class follow_rows:
     """The kept rows of a stage that another task is still writing, shard by shard as each is
     committed to its temporary folder, then the rest from its manifest once it is published.
+    ``total`` is None until then, and the number of rows in all after (a follower shapes its
+    last shards of work by it).
 
     ``state()`` tells how the writer stands: None while it runs, then "completed" or "failed".
     A manifest older than the call is a stale earlier result and is ignored while the writer runs.
     """
-    final, started, n = Path(stage_dir), time.time(), 0
-    while True:
-        st = state()
-        m = read_manifest(final)
-        if m and (st == "completed" or (final / MANIFEST).stat().st_mtime >= started):
-            for f in m["files"][n:]:
-                yield from pq.read_table(final / f["path"], columns=columns).to_pylist()
-            return
-        if st is not None:
-            raise RuntimeError(f"{final.name}: the stage being followed ended ({st}) without publishing its output")
-        parts: list[Path] = []
-        with contextlib.suppress(FileNotFoundError):  # the folder is renamed once the writer finishes
-            tmp = max(final.parent.glob(f".{final.name}.tmp-*"), key=lambda p: p.stat().st_mtime, default=None)
-            parts = sorted(tmp.glob("part-*.parquet"))[n:] if tmp else []
-        for part in parts:
-            try:
-                rows = pq.read_table(part, columns=columns).to_pylist()
-            except FileNotFoundError:
-                break
-            n += 1
-            yield from rows
-        if not parts:
-            time.sleep(poll_s)
+
+    def __init__(self, stage_dir: str | os.PathLike, state: Callable[[], str | None],
+                 columns: list[str] | None = None, poll_s: float = 0.05):
+        self.final, self.state, self.columns, self.poll_s = Path(stage_dir), state, columns, poll_s
+        self.started, self.total = time.time(), None
+
+    def __iter__(self) -> Iterator[dict]:
+        final, columns, n = self.final, self.columns, 0
+        while True:
+            st = self.state()
+            m = read_manifest(final)
+            if m and (st == "completed" or (final / MANIFEST).stat().st_mtime >= self.started):
+                self.total = m["rows"]
+                for f in m["files"][n:]:
+                    yield from pq.read_table(final / f["path"], columns=columns).to_pylist()
+                return
+            if st is not None:
+                raise RuntimeError(f"{final.name}: the stage being followed ended ({st}) without publishing its output")
+            parts: list[Path] = []
+            with contextlib.suppress(FileNotFoundError):  # the folder is renamed once the writer finishes
+                tmp = max(final.parent.glob(f".{final.name}.tmp-*"), key=lambda p: p.stat().st_mtime, default=None)
+                parts = sorted(tmp.glob("part-*.parquet"))[n:] if tmp else []
+            for part in parts:
+                try:
+                    rows = pq.read_table(part, columns=columns).to_pylist()
+                except FileNotFoundError:
+                    break
+                n += 1
+                yield from rows
+            if not parts:
+                time.sleep(self.poll_s)
 
 
 def future_state(future: concurrent.futures.Future) -> Callable[[], str | None]:

@@ -133,26 +133,30 @@ def pool_extra(pool) -> dict:
     return {"task_runner": "dask", "dask_workers": sorted(pool.workers), "dask_tasks": pool.count}
 
 
-def batched(rows: Iterable[Any], largest: int, total: int | None = None, workers: int = 1) -> Iterator[list[Any]]:
+def batched(rows: Iterable[Any], largest: int, total: int | Callable[[], int | None] | None = None,
+            workers: int = 1) -> Iterator[list[Any]]:
     """Shards of work of at most ``largest`` rows. When the ``total`` is known they shrink as the
     end nears (guided scheduling: what is left, shared by twice the ``workers``), so the workers
-    finish together instead of one of them working through a last large batch alone. When it is
-    not (rows still being collected) they start at a quarter of ``largest`` and double: a small
-    input still reaches every worker."""
-    def target(left: int, emitted: int) -> int:
-        if total is None:
+    finish together instead of one of them working through a last large batch alone. While it is
+    not (``total`` None, or a callable that returns None while the rows are still being collected)
+    they start at a quarter of ``largest`` and double: a small input still reaches every worker."""
+    def target(done: int, emitted: int) -> int:
+        n = total() if callable(total) else total
+        if n is None:
             return min(largest, max(largest // 4, 1) << (emitted // workers))
-        return max(largest // 8, min(largest, -(-left // (2 * workers))), 1)
+        return max(largest // 8, min(largest, -(-(n - done) // (2 * workers))), 1)
 
     batch: list[Any] = []
-    left, emitted = total or 0, 0
-    size = target(left, emitted)
+    done, emitted = 0, 0
+    size = target(done, emitted)
     for row in rows:
         batch.append(row)
         if len(batch) >= size:
             yield batch
-            left, emitted = left - len(batch), emitted + 1
-            batch, size = [], target(left, emitted)
+            done, emitted = done + len(batch), emitted + 1
+            batch, size = [], target(done, emitted)
+        elif callable(total) and len(batch) == 1:   # the total may have become known
+            size = target(done, emitted)
     if batch:
         yield batch
 

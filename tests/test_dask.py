@@ -152,3 +152,13 @@ def test_shards_of_work_keep_the_order_and_shrink_towards_the_end():
     assert sizes[0] == 64 and sizes == sorted(sizes, reverse=True) and sizes[-1] <= 8   # workers finish together
     following = [len(b) for b in batched(iter(rows[:62]), 64, workers=2)]   # the total is not known yet
     assert following[0] == 16 and sum(following) == 62 and len(following) >= 3
+    # extract following a collect: the total becomes known when collect publishes, and the tail shrinks
+    known: dict = {"total": None}
+
+    def collected():
+        for i in rows:
+            if i == 100:
+                known["total"] = len(rows)
+            yield i
+    tail = list(batched(collected(), 64, lambda: known["total"], workers=2))
+    assert sum(tail, []) == rows and len(tail[-1]) <= 8 and max(map(len, tail)) == 64
