@@ -36,6 +36,7 @@ from typing import Callable, Iterable
 from urllib.parse import urldefrag, urljoin, urlsplit
 
 import fsspec
+import httpcore
 import httpx
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -147,9 +148,11 @@ class AddressGuard:
             except ValueError:
                 self.hosts.add(item.lower())
 
-    async def check(self, host: str) -> None:
+    async def resolve(self, host: str) -> str:
+        """The address to connect to for ``host``: every address it resolves to must be allowed.
+        An allowlisted host name is returned as it is (the connection resolves it)."""
         if host.lower() in self.hosts:
-            return
+            return host
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
         except socket.gaierror as e:
@@ -160,6 +163,41 @@ class AddressGuard:
                 ip = ip.ipv4_mapped
             if not ip.is_global and not any(ip in net for net in self.networks):
                 raise Refused("blocked_address", f"{host} resolves to {ip}, a non-public address")
+        return infos[0][4][0]
+
+
+class GuardedBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's sockets, opened only to addresses the guard allows. The name is resolved and
+    checked here, when the connection is made, and the socket goes to the very address that was
+    checked: a DNS answer that changes after the check (rebinding) cannot lead elsewhere. TLS
+    still verifies the certificate against the host name (httpcore passes it as server_hostname)."""
+
+    def __init__(self, guard: AddressGuard):
+        self.guard, self.inner = guard, httpcore.AnyIOBackend()
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                          local_address: str | None = None, socket_options=None) -> httpcore.AsyncNetworkStream:
+        address = await self.guard.resolve(host)
+        return await self.inner.connect_tcp(address, port, timeout=timeout, local_address=local_address,
+                                            socket_options=socket_options)
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options=None):
+        raise Refused("blocked_address", f"unix socket {path}")
+
+    async def sleep(self, seconds: float) -> None:
+        await self.inner.sleep(seconds)
+
+
+def guarded_transport(guard: AddressGuard, limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
+    """httpx's transport whose connection pool connects through ``GuardedBackend`` (httpx has no
+    argument for httpcore's network backend, so its pool is built again with one)."""
+    transport = httpx.AsyncHTTPTransport(limits=limits)
+    pool = transport._pool
+    transport._pool = httpcore.AsyncConnectionPool(
+        ssl_context=pool._ssl_context, max_connections=limits.max_connections,
+        max_keepalive_connections=limits.max_keepalive_connections, keepalive_expiry=limits.keepalive_expiry,
+        network_backend=GuardedBackend(guard))
+    return transport
 
 
 class HostGate:
@@ -225,8 +263,9 @@ class Crawler:
         timeout = httpx.Timeout(connect=self.cfg.connect_timeout_s, read=self.cfg.read_timeout_s,
                                 write=self.cfg.read_timeout_s, pool=None)
         headers = {"User-Agent": self.cfg.user_agent, "Accept-Encoding": "gzip, deflate"}
+        transport = guarded_transport(self.guard, httpx.Limits(max_connections=self.cfg.concurrency))
         async with httpx.AsyncClient(timeout=timeout, headers=headers, follow_redirects=False,
-                                     limits=httpx.Limits(max_connections=self.cfg.concurrency)) as self.client:
+                                     transport=transport) as self.client:
             with tqdm(total=self.cfg.max_pages, desc="collect", unit="page") as self.bar:
                 self.bar.update(len(self.done.urls))
                 for url, source, follow in seeds:
@@ -389,8 +428,7 @@ class Crawler:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise Refused("bad_url", url)
-        await self.guard.check(parts.hostname)
-        async with self._gate(parts.netloc):
+        async with self._gate(parts.netloc):   # the address guard checks every connection (GuardedBackend)
             try:
                 async with asyncio.timeout(self.cfg.timeout_s):
                     async with self.client.stream("GET", url, headers=self.previous.conditional(url)) as r:

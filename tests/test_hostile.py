@@ -55,3 +55,25 @@ def test_retries_back_off_and_honour_retry_after(hostile):
 def test_nothing_hangs_past_its_time_limit(hostile):
     assert hostile["seconds"] < 20
     assert hostile["manifest"]["rows"] + hostile["manifest"]["dropped"] == len(EXPECTED) + 2
+
+
+def test_the_guard_checks_the_address_every_connection_goes_to(site_url):
+    """The check is made where the socket is opened, on the address it is opened to, so a request
+    that skips the crawler's own steps, or a name that resolves anew, cannot get past it. Loopback
+    only: the addresses tried here are this machine's, whatever the guard does."""
+    import asyncio
+
+    import httpx
+
+    from tasks.collect import AddressGuard, Refused, guarded_transport
+
+    async def get(url: str, allow: list[str]) -> int:
+        transport = guarded_transport(AddressGuard(allow), httpx.Limits(max_connections=2))
+        async with httpx.AsyncClient(transport=transport) as client:
+            return (await client.get(url)).status_code
+
+    for host in ("127.0.0.1", "localhost"):
+        with pytest.raises(Refused, match="non-public address") as e:
+            asyncio.run(get(site_url.replace("127.0.0.1", host) + "json.html", []))
+        assert e.value.reason == "blocked_address"
+    assert asyncio.run(get(site_url + "json.html", ["127.0.0.1/32"])) == 200
