@@ -264,6 +264,43 @@ def test_retry_after_a_failed_train_reuses_the_finished_stages(tmp_path, servers
     assert states == {**{s: ["Cached"] for s in STAGES[:2]}, **{s: ["Completed"] for s in STAGES[2:]}}
 
 
+def test_a_run_terminated_while_training_sends_its_failure_notice(tmp_path, servers):
+    """SIGTERM (a worker cancelling it, a node draining) while train runs: the run is marked over in
+    Prefect and MLflow and the webhook still hears which stage it was in."""
+    receiver = Receiver()
+    config = tmp_path / "run.yaml"
+    write_config(config, "sigterm", "sigterm-gpt", max_steps=100_000, checkpoint_interval=100_000)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["notify"] = {"webhook_url": f"http://127.0.0.1:{receiver.server_port}/hook"}
+    config.write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(servers, PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_HOME=str(tmp_path / ".prefect"))
+    proc = subprocess.Popen([str(BIN / "ssl-pipeline"), "run", "--config", str(config)], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = MlflowClient(servers["MLFLOW_TRACKING_URI"])
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            exp = client.get_experiment_by_name("sigterm")
+            runs = client.search_runs([exp.experiment_id], "tags.`ssl_pipeline.stage` = 'train'") if exp else []
+            if runs and "loss" in client.get_run(runs[0].info.run_id).data.metrics:   # training is under way
+                break
+            time.sleep(1)
+        assert proc.poll() is None, "the run ended before training started"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        receiver.shutdown()
+    (notice,) = receiver.bodies
+    assert notice["stage"] == "train" and "Termination" in notice["error"], notice
+    parent = parent_runs(client, "sigterm", notice["flow_run_id"])[0]
+    assert parent.info.status == "FAILED"
+    flow = httpx.get(f"{servers['PREFECT_API_URL']}/flow_runs/{notice['flow_run_id']}").json()
+    assert flow["state"]["type"] in ("CRASHED", "FAILED", "CANCELLED"), flow["state"]
+
+
 def test_stage_results_on_s3_are_reused_by_the_next_run(tmp_path):
     # moto's S3 server on 127.0.0.1, inside a namespace with only loopback (tests/s3_results.py)
     out = tmp_path / "s3.json"
