@@ -377,3 +377,8 @@ def test_deployments_run_the_pipeline_on_its_pool_and_training_on_the_gpu_pool(t
     client = MlflowClient(servers["MLFLOW_TRACKING_URI"])
     (parent,) = parent_runs(client, "deployed", fr_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["ssl_pipeline.model_uri"] == "models:/deployed-gpt/1"
+    # the server's scheduler keeps the cron live: it has put the coming 03:00 UTC nights on the calendar
+    runs = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"deployment_id": {"any_": [dep["id"]]}}}).json()
+    nights = [r for r in runs if r["auto_scheduled"]]
+    assert nights and all(r["state"]["type"] == "SCHEDULED" and r["parameters"] == dep["parameters"]
+                          and r["expected_start_time"][11:19] == "03:00:00" for r in nights), runs
