@@ -60,6 +60,8 @@ def process_pool(processes: int) -> ProcessPoolExecutor:
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     pool = ProcessPoolExecutor(max_workers=processes, mp_context=ctx)
     pool.width = processes   # how many shards run at once, as DaskShards.width
+    for _ in range(processes):   # start the workers now, while the stage's first input is on its way
+        pool.submit(int)
     return pool
 
 
