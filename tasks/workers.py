@@ -56,12 +56,13 @@ def time_limit(seconds: float) -> Iterator[None]:
 
 def process_pool(processes: int) -> ProcessPoolExecutor:
     """Worker processes for a stage. Fork: they start in milliseconds with the stage's modules
-    (trafilatura, numpy, the language model) already imported."""
+    (trafilatura, numpy, the language model) already imported. The pool forks on its first
+    submit, once the stage has input: do not start it sooner. Forked while another thread of the
+    flow is spawning a subprocess (collect renders the embedded site in one), a worker inherits that
+    child's pipe ends, the child never sees its stdin close, and both hang (seen in a test run)."""
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     pool = ProcessPoolExecutor(max_workers=processes, mp_context=ctx)
     pool.width = processes   # how many shards run at once, as DaskShards.width
-    for _ in range(processes):   # start the workers now, while the stage's first input is on its way
-        pool.submit(int)
     return pool
 
 
