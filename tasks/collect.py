@@ -46,7 +46,7 @@ from flows.config import CollectConfig
 from tasks import pydoc_site, readers
 from tasks.shards import StageWriter, read_manifest, read_table, sha256_text, write_json
 from tasks.stage import stage_dir, stage_task
-from tasks.workers import in_order, pool_extra, shard_pool
+from tasks.workers import in_order, on_dask, pool_extra, shard_pool
 
 log = logging.getLogger(__name__)
 
@@ -564,9 +564,7 @@ def read_files(files: list[tuple[str, Callable, tuple]], w: StageWriter, done: D
     record by record; with ``runner.task_runner: dask`` each file is read on a Dask worker (a
     Prefect task run ``collect-shard-N``), one file per worker at a time, and its records are
     written here as they come back."""
-    if not files:
-        return {}
-    if not runner or runner.get("task_runner", "local") == "local":
+    if not files or not on_dask(runner):   # no Dask cluster is started for nothing to read
         for path, read, args in files:
             write_records(read(*args), w, f"collect ({Path(path).name})", done)
         return {}

@@ -102,11 +102,16 @@ class DaskShards:
             return out["value"]
 
 
+def on_dask(runner: dict | None) -> bool:
+    """Whether the run's ``runner`` config sends shards of work to Dask."""
+    return bool(runner) and runner.get("task_runner", "local") == "dask"
+
+
 @contextlib.contextmanager
 def shard_pool(runner: dict | None, stage: str, processes: int | None) -> Iterator[Any]:
     """The pool a stage submits its shards of work to: ``processes`` (default: one per core)
     local processes, or Dask (``runner`` is the run's ``runner`` config, with the address)."""
-    if not runner or runner.get("task_runner", "local") == "local":
+    if not on_dask(runner):
         with process_pool(processes or os.cpu_count() or 1) as pool:
             yield pool
         return
@@ -169,7 +174,7 @@ def dask_cluster(runner: dict) -> Iterator[dict]:
     """The run's ``runner`` config, with a ``dask_address``: the configured scheduler's, or that of
     a LocalCluster started here for the run (one single-threaded worker process per core, or
     ``dask_workers``; listening on 127.0.0.1 only)."""
-    if runner.get("task_runner") != "dask" or runner.get("dask_address"):
+    if not on_dask(runner) or runner.get("dask_address"):
         yield runner
         return
     from distributed import LocalCluster

@@ -51,12 +51,18 @@ def servers(tmp_path_factory) -> dict[str, str]:
             s.stop()
 
 
-def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run the ``ssl-pipeline`` command as a user would, in its own process."""
+def cli_env(env: dict[str, str], cwd: Path) -> dict[str, str]:
+    """The environment of an ``ssl-pipeline`` command run by a test: ours without Prefect and
+    MLflow settings, then ``env`` (the servers), and a Prefect home of its own under ``cwd``."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     full_env.update(env, PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONUNBUFFERED="1")
     full_env.setdefault("PREFECT_HOME", str(cwd / ".prefect"))
-    return subprocess.run([str(BIN / "ssl-pipeline"), *args], cwd=cwd, env=full_env, capture_output=True,
+    return full_env
+
+
+def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the ``ssl-pipeline`` command as a user would, in its own process."""
+    return subprocess.run([str(BIN / "ssl-pipeline"), *args], cwd=cwd, env=cli_env(env, cwd), capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import httpx
 import pyarrow as pa
@@ -21,6 +20,7 @@ from tasks.extract import extract
 from tasks.filter import filter_docs
 from tasks.shards import read_table
 from tasks.workers import TimeLimit, batched, dask_cluster, time_limit
+from tests.browser import wait_until
 from tests.conftest import BIN, ROOT, run_cli
 from tests.test_e2e import flow_run_id, parent_runs, stage_runs, task_states, write_config
 from tests.test_postgres import compose_service
@@ -106,14 +106,14 @@ def test_collect_reads_each_warc_and_table_file_on_a_dask_worker(tmp_path, serve
     assert (m["digest"], m["rows"], m["reasons"]) == (local["digest"], local["rows"], local["reasons"])
     assert [r["url"] for r in read_table(m).to_pylist()] == [r["url"] for r in read_table(local).to_pylist()]
     # each file a Prefect task run; their states reach the server as events, a moment later
-    deadline = time.time() + 60
-    while True:
-        runs = httpx.post(f"{servers['PREFECT_API_URL']}/task_runs/filter",
+    def shard_runs() -> list[dict]:
+        return httpx.post(f"{servers['PREFECT_API_URL']}/task_runs/filter",
                           json={"task_runs": {"name": {"like_": "collect-shard-"}}}).json()
-        if (len(runs) >= 4 and all(r["state"]["type"] == "COMPLETED" for r in runs)) or time.time() > deadline:
-            break
-        time.sleep(1)
-    assert len(runs) >= 4 and all(r["state"]["type"] == "COMPLETED" for r in runs), runs
+
+    def completed() -> bool:
+        runs = shard_runs()
+        return len(runs) >= 4 and all(r["state"]["type"] == "COMPLETED" for r in runs)
+    wait_until(completed, 60, "4 completed collect-shard task runs", describe=lambda: str(shard_runs()))
 
 
 def test_dask_settings_without_dask_are_refused(tmp_path, servers):

@@ -21,7 +21,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import BIN, ROOT, TEST_MODULES, run_cli
+from tests.browser import wait_until
+from tests.conftest import BIN, ROOT, TEST_MODULES, cli_env, run_cli
 
 STAGES = ["collect", "extract", "filter", "dedup", "tokenize", "train"]
 SMALL_TRAIN = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64, "batch_size": 8, "max_steps": 60,
@@ -273,20 +274,17 @@ def test_a_run_terminated_while_training_sends_its_failure_notice(tmp_path, serv
     cfg = yaml.safe_load(config.read_text())
     cfg["notify"] = {"webhook_url": f"http://127.0.0.1:{receiver.server_port}/hook"}
     config.write_text(yaml.safe_dump(cfg))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env.update(servers, PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_HOME=str(tmp_path / ".prefect"))
-    proc = subprocess.Popen([str(BIN / "ssl-pipeline"), "run", "--config", str(config)], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([str(BIN / "ssl-pipeline"), "run", "--config", str(config)], cwd=tmp_path,
+                            env=cli_env(servers, tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client = MlflowClient(servers["MLFLOW_TRACKING_URI"])
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            exp = client.get_experiment_by_name("sigterm")
-            runs = client.search_runs([exp.experiment_id], "tags.`ssl_pipeline.stage` = 'train'") if exp else []
-            if runs and "loss" in client.get_run(runs[0].info.run_id).data.metrics:   # training is under way
-                break
-            time.sleep(1)
+
+    def training() -> bool:
         assert proc.poll() is None, "the run ended before training started"
+        exp = client.get_experiment_by_name("sigterm")
+        runs = client.search_runs([exp.experiment_id], "tags.`ssl_pipeline.stage` = 'train'") if exp else []
+        return bool(runs) and "loss" in client.get_run(runs[0].info.run_id).data.metrics
+    try:
+        wait_until(training, 300, "training to be under way")
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)
     finally:
