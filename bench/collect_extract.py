@@ -3,7 +3,8 @@
     python bench/collect_extract.py [--out bench/results/collect_extract.json] [--modules N]
 
 Renders the pydoc site, then measures in one run, on the same pages:
-  reference   bare ``trafilatura.extract(html)`` in a loop, one process, same options as ours
+  reference   bare ``trafilatura.extract(html)`` in a loop, in a fresh interpreter that imports
+              nothing else, same options as ours (its own timing of the loop)
   extract     our extract stage with 1 and 2 worker processes (Parquet in and out)
   crawl       collect (HTTP crawl of the site) + extract, with 1 and 2 processes
   warc        collect (read a WARC of the same pages) + extract, with 1 and 2 processes
@@ -29,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -55,21 +55,12 @@ def cpu() -> float:
 
 @contextlib.contextmanager
 def site_server(directory: Path):
-    """The site served by another process, as a real web server would be: its work does not
-    share the crawler's interpreter."""
-    from infra.services import free_port
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                             "--directory", str(directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/"
+    """The site served by another process (``tasks.pydoc_site``'s server: HTTP/1.1 keep-alive, as
+    a real web server answers), so that its work does not share the crawler's interpreter."""
+    proc = subprocess.Popen([sys.executable, "-m", "tasks.pydoc_site", str(directory)], stdout=subprocess.PIPE,
+                            text=True, cwd=Path(__file__).resolve().parents[1])
     try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(url, timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        yield url
+        yield proc.stdout.readline().strip()
     finally:
         proc.terminate()
         proc.wait()
@@ -92,6 +83,23 @@ def collect_and_extract(processes: int, collect_cfg: CollectConfig, work: Path, 
         collected = ex.submit(collect, collect_cfg, work / f"{name}-collect", **sources)
         return extract(ExtractConfig(processes=processes), follow_rows(work / f"{name}-collect",
                        future_state(collected)), work / f"{name}-extract")
+
+
+REFERENCE = r"""
+import json, sys, time
+import trafilatura
+pages, opts = json.load(open(sys.argv[1]))
+t, c = time.perf_counter(), time.process_time()
+for html, url in pages:
+    trafilatura.extract(html, url=url, **opts)
+print(json.dumps([time.perf_counter() - t, time.process_time() - c]))
+"""
+
+
+def bare_trafilatura(pages: Path) -> tuple[float, float]:
+    """(wall s, CPU s) of the reference loop over ``pages`` ([html, url] pairs and the options)."""
+    out = subprocess.run([sys.executable, "-c", REFERENCE, str(pages)], capture_output=True, text=True, check=True)
+    return tuple(json.loads(out.stdout))
 
 
 def timed(fn):
@@ -128,8 +136,8 @@ def main() -> None:
         # the reference runs with our default options (comments off, tables on)
         opts = ExtractConfig().model_dump(include={"favor_precision", "favor_recall", "include_tables",
                                                    "include_comments"})
+        (work / "reference.json").write_text(json.dumps([html, opts]))
         runs = {
-            "reference": lambda i: [trafilatura.extract(h, url=u, **opts) for h, u in html],
             **{f"extract_{p}p": (lambda i, p=p: extract(ExtractConfig(processes=p), pages, work / f"e{p}-{i}"))
                for p in (1, 2)},
             **{f"crawl_extract_{p}p": (lambda i, p=p: collect_and_extract(p, crawl, work, f"c{p}-{i}",
@@ -141,15 +149,18 @@ def main() -> None:
         # compared with each other are run back to back (reference, extract 1p and 2p; crawl 1p
         # and 2p; WARC 1p and 2p), in an order rotated every round, and the median of the ratios
         # over rounds is reported
-        times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name in ["reference", *runs]}
         groups = [["reference", "extract_1p", "extract_2p"], ["crawl_extract_1p", "crawl_extract_2p"],
                   ["warc_extract_1p", "warc_extract_2p"]]
         for i in range(args.rounds):
             for group in groups[i % 3:] + groups[:i % 3]:
                 for name in group[i % len(group):] + group[:i % len(group)]:
                     with cores(2 if name.endswith("2p") else 1):
-                        _, s = timed(lambda: runs[name](i))
-                    times[name].append((s, timed.cpu))
+                        if name == "reference":
+                            times[name].append(bare_trafilatura(work / "reference.json"))
+                        else:
+                            _, s = timed(lambda: runs[name](i))
+                            times[name].append((s, timed.cpu))
         res["seconds_by_round"] = {name: [round(s, 3) for s, _ in ts] for name, ts in times.items()}
         for name, ts in times.items():
             res[f"{name}_pages_per_s"] = round(n / statistics.median(s for s, _ in ts), 2)

@@ -191,6 +191,12 @@ def render_site(out_dir: str | os.PathLike, modules: Sequence[str] = DEFAULT_MOD
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    # keep-alive, as web servers answer: a crawler reuses its connections instead of opening one
+    # per page. Headers and body go out in separate writes: without TCP_NODELAY, Nagle's algorithm
+    # holds the body until the client's delayed ACK of the headers, 40 ms a page.
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
     def log_message(self, format, *args):  # noqa: A002 - silence per-request logging
         pass
 
@@ -226,3 +232,9 @@ def render_and_serve(work_dir: str | os.PathLike, modules: Sequence[str] = DEFAU
         render_site(site, modules)
     with serve(site) as url:
         yield url
+
+
+if __name__ == "__main__":  # python -m tasks.pydoc_site DIR: serve DIR until killed; prints its URL
+    with serve(sys.argv[1]) as url:
+        print(url, flush=True)
+        threading.Event().wait()

@@ -250,15 +250,29 @@ class follow_rows:
     def __init__(self, stage_dir: str | os.PathLike, state: Callable[[], str | None],
                  columns: list[str] | None = None, poll_s: float = 0.02):
         self.final, self.state, self.columns, self.poll_s = Path(stage_dir), state, columns, poll_s
-        self.started, self.total = time.time(), None
+        self.started, self._total = time.time(), None
+
+    @property
+    def total(self) -> int | None:
+        """Looked up when asked: the writer may publish while a shard of its rows is being read."""
+        if self._total is None:
+            self._published(self.state())
+        return self._total
+
+    def _published(self, state: str | None) -> dict | None:
+        """The writer's manifest once it is published; ``state`` is read before it is looked for."""
+        m = read_manifest(self.final)
+        if m and (state == "completed" or (self.final / MANIFEST).stat().st_mtime >= self.started):
+            self._total = m["rows"]
+            return m
+        return None
 
     def __iter__(self) -> Iterator[dict]:
         final, columns, n = self.final, self.columns, 0
         while True:
             st = self.state()
-            m = read_manifest(final)
-            if m and (st == "completed" or (final / MANIFEST).stat().st_mtime >= self.started):
-                self.total = m["rows"]
+            m = self._published(st)
+            if m:
                 for f in m["files"][n:]:
                     yield from pq.read_table(final / f["path"], columns=columns).to_pylist()
                 return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import http.server
 import json
 import math
@@ -24,6 +25,7 @@ from tasks.dedup import dedup, normalize
 from tasks.extract import extract
 from tasks.filter import Doc, build_filters, filter_docs, judge
 from tasks.shards import StageWriter, follow_rows, future_state, iter_rows, read_table
+from tasks.workers import process_pool
 from tests.conftest import TEST_MODULES
 
 LOCAL = ["127.0.0.1/32"]  # the test servers live on loopback, which the crawler refuses by default
@@ -255,6 +257,14 @@ def test_extract_in_parallel_processes_gives_the_same_rows(tmp_path, stages):
     assert {"hostname", "language", "date"} <= set(read_table(one).column_names)
 
 
+def test_worker_processes_leave_the_flows_objects_out_of_their_garbage_collection():
+    # a full collection in a worker would otherwise walk (and copy) every object it inherited
+    with process_pool(2) as pool:
+        inherited = len(gc.get_objects())
+        assert pool.submit(gc.get_freeze_count).result() >= inherited // 2
+    assert gc.get_freeze_count() == 0   # the flow's own collections are back as they were
+
+
 def test_extract_time_limit_drops_slow_pages_instead_of_stalling(tmp_path, stages):
     # the largest real pages take longer than 1 ms to extract: each one is cut off and recorded
     m = extract(ExtractConfig(timeout_s=0.001, processes=2), stages["collect"], tmp_path / "e")
@@ -284,6 +294,29 @@ def test_follow_rows_reads_shards_as_they_are_written_and_ignores_a_stale_result
     assert any(seen_while_writing)
     with pytest.raises(RuntimeError, match="without publishing"):
         list(follow_rows(tmp_path / "never", lambda: "failed"))
+
+
+def test_follow_rows_knows_the_total_once_published_while_a_shard_is_being_read(tmp_path):
+    # extract shapes its last shards of work by the total: it must not wait for the follower to
+    # finish the shard it is reading (the writer may publish meanwhile)
+    schema, release = pa.schema([("x", pa.int64())]), threading.Event()
+
+    def write() -> None:
+        with StageWriter("s", tmp_path / "s", schema, shard_rows=10) as w:
+            for x in range(11):
+                w.keep({"x": x})   # the 10th commits the first shard
+                if x == 9:
+                    release.wait(30)
+    with ThreadPoolExecutor(1) as ex:
+        writer = ex.submit(write)
+        follower = follow_rows(tmp_path / "s", future_state(writer))
+        rows = iter(follower)
+        first = next(rows)
+        assert follower.total is None
+        release.set()
+        writer.result(30)
+        assert follower.total == 11
+        assert [first["x"], *(r["x"] for r in rows)] == list(range(11))
 
 
 def test_extract_following_a_running_collect_gives_the_same_rows(tmp_path, site_url):
