@@ -1,6 +1,6 @@
 """Stage 2, extract: trafilatura's main text and metadata of each collected page.
 
-Extraction is the costly part of collection (~15 pages/s per core), so it runs in worker
+Extraction is the costly part of collection (~40 pages/s per core here), so it runs in worker
 processes over batches of pages, in order. Each page has a time limit: one pathological page
 cannot stall a shard. Plain-text pages pass through as they are. Pages with no main text are
 dropped as ``no_main_text``; a page trafilatura fails on as ``extract_error``; one over its
