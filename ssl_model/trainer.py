@@ -34,6 +34,9 @@ from ssl_model.objectives import make_objective
 Callback = Callable[[str, int, dict], None]
 
 
+SPIKE_FLOOR = 0.5   # nats: the least recent average a spike is measured against
+
+
 @dataclass
 class TrainSettings:
     objective: Literal["causal", "mlm", "contrastive"] = "causal"
@@ -252,7 +255,9 @@ def train(model_cfg: ModelConfig, s: TrainSettings, shards_dir: str | Path, out_
         loss_value = loss_sum.item() / world
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip if s.grad_clip > 0
                                                           else float("inf")))
-        spike = s.spike_factor > 0 and avg_loss is not None and loss_value > s.spike_factor * avg_loss
+        # a loss near 0 (contrastive, a late MLM) jumps several-fold on noise alone: the recent
+        # average counts as at least SPIKE_FLOOR nats
+        spike = s.spike_factor > 0 and avg_loss is not None and loss_value > s.spike_factor * max(avg_loss, SPIKE_FLOOR)
         if math.isfinite(loss_value) and math.isfinite(grad_norm) and not spike:
             for o in opts:
                 o.step()
