@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import math
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import mlflow
@@ -21,7 +23,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.browser import wait_until
+from tests.browser import descendants, wait_until
 from tests.conftest import BIN, ROOT, TEST_MODULES, cli_env, run_cli
 
 STAGES = ["collect", "extract", "filter", "dedup", "tokenize", "train"]
@@ -75,6 +77,20 @@ def wait_flow_run(api_url: str, fr_id: str, get=httpx.get, timeout: float = 600)
             and time.time() < deadline:
         time.sleep(2)
     return state
+
+
+def runs_exited(workers: list[subprocess.Popen], timeout: float = 60) -> None:
+    """Wait until no process is left below the workers: a flow run's process exits once its run is
+    over. (A worker told to stop waits for the runs it started; SIGTERM it sooner, while a finished
+    run's process is still exiting, and it may never stop.)"""
+    def left() -> list[str]:
+        out = []
+        for pid, _ in (p for w in workers for p in descendants(w.pid)):
+            with contextlib.suppress(OSError):   # it may exit meanwhile
+                out.append(Path(f"/proc/{pid}/cmdline").read_text(errors="replace").replace("\0", " ")[:200])
+        return out
+    wait_until(lambda: not left(), timeout, "the flow-run processes to exit", every=0.5,
+               describe=lambda: "\n".join(left()))
 
 
 def task_states(api_url: str, fr_id: str, timeout: float = 60) -> dict[str, list[str]]:

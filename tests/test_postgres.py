@@ -29,7 +29,7 @@ from mlflow.tracking import MlflowClient
 from infra.postgres import DATABASES, Postgres
 from infra.services import Service, free_port, services as make_services
 from tests.conftest import BIN, ROOT, run_cli
-from tests.test_e2e import STAGES, deployment_run, flow_run_id, wait_flow_run, write_config
+from tests.test_e2e import STAGES, deployment_run, flow_run_id, runs_exited, wait_flow_run, write_config
 
 pytestmark = pytest.mark.e2e
 COMPOSE = yaml.safe_load((ROOT / "infra/docker-compose.yml").read_text())
@@ -353,6 +353,7 @@ def test_compose_workers_run_the_nightly_deployment_with_basic_auth_and_s3(compo
             time.sleep(1)
         fr_id = deployment_run(["prefect"], config, env)
         state = wait_flow_run(api, fr_id, http.get)
+        runs_exited(procs)
     finally:
         for p in procs:
             os.killpg(p.pid, signal.SIGTERM)
