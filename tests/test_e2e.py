@@ -93,6 +93,14 @@ def runs_exited(workers: list[subprocess.Popen], timeout: float = 60) -> None:
                describe=lambda: "\n".join(left()))
 
 
+def stop_workers(workers: list[subprocess.Popen]) -> None:
+    """Stop Prefect workers as a supervisor would: SIGTERM, SIGKILL after 30 s. A worker turns
+    SIGTERM into a SIGINT to itself, which it sometimes swallows (seen in two fresh-clone suite
+    runs: its loop idle, polling on)."""
+    for w in workers:
+        stop_process_tree(w, grace=30)
+
+
 def task_states(api_url: str, fr_id: str, timeout: float = 60) -> dict[str, list[str]]:
     """State names of every task run of a flow run, per task name, oldest first.
 
@@ -375,11 +383,7 @@ def test_deployments_run_the_pipeline_on_its_pool_and_training_on_the_gpu_pool(t
         state = wait_flow_run(api, fr_id)
         runs_exited(workers)
     finally:
-        # Prefect's worker turns SIGTERM into a SIGINT to itself, which it sometimes swallows (seen in
-        # two fresh-clone suite runs: its loop idle, polling on); stop it as a supervisor would,
-        # SIGKILL after the grace period
-        for w in workers:
-            stop_process_tree(w, grace=30)
+        stop_workers(workers)
     logs = {p: (tmp_path / f"{p}.log").read_text(errors="replace")[-3000:] for p in ("ssl-pipeline", "ssl-train-gpu")}
     assert state["type"] == "COMPLETED", (state, logs)
     children = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"parent_flow_run_id": {"any_": [fr_id]}}}

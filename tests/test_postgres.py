@@ -27,9 +27,9 @@ from mlflow.tracking import MlflowClient
 
 from infra.postgres import DATABASES, Postgres
 from infra.services import Service, free_port, services as make_services
-from tests.browser import stop_process_tree
 from tests.conftest import BIN, ROOT, run_cli
-from tests.test_e2e import STAGES, deployment_run, flow_run_id, runs_exited, wait_flow_run, write_config
+from tests.test_e2e import (STAGES, deployment_run, flow_run_id, runs_exited, stop_workers, wait_flow_run,
+                            write_config)
 
 pytestmark = pytest.mark.e2e
 COMPOSE = yaml.safe_load((ROOT / "infra/docker-compose.yml").read_text())
@@ -355,11 +355,7 @@ def test_compose_workers_run_the_nightly_deployment_with_basic_auth_and_s3(compo
         state = wait_flow_run(api, fr_id, http.get)
         runs_exited(procs)
     finally:
-        # Prefect's worker turns SIGTERM into a SIGINT to itself, which it sometimes swallows (seen in
-        # two fresh-clone suite runs: its loop idle, polling on); stop it as a supervisor would,
-        # SIGKILL after the grace period
-        for p in procs:
-            stop_process_tree(p, grace=30)
+        stop_workers(procs)
     assert state["type"] == "COMPLETED", (state, logs())
     child = pg.query("prefect", "SELECT wp.name, fr.state_type FROM flow_run fr "
                                 "JOIN work_queue wq ON wq.id = fr.work_queue_id JOIN work_pool wp ON wp.id = wq.work_pool_id "
