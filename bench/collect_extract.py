@@ -5,6 +5,10 @@
 Renders the pydoc site, then measures in one run, on the same pages:
   reference   bare ``trafilatura.extract(html)`` in a loop, in a fresh interpreter that imports
               nothing else, same options as ours (its own timing of the loop)
+  reference_2p  the same loop in two such interpreters at once, each over every other page: what
+              two processes gain on this machine at that moment. As a ceiling of our speedups it is
+              taken balanced: its wall time as if the two had finished together (half their CPU
+              seconds), so only what two processes side by side cost each other is left in it
   extract     our extract stage with 1 and 2 worker processes (Parquet in and out)
   crawl       collect (HTTP crawl of the site) + extract, with 1 and 2 processes
   warc        collect (read a WARC of the same pages) + extract, with 1 and 2 processes
@@ -12,8 +16,10 @@ Collect and extract run side by side as the flow runs them: extract follows coll
 A "1 process" run is pinned to one core (the crawl, the extraction worker and the stage's own
 work share it), a "2 process" run to two: pages/s per core, as the floors mean it. The site is
 served by a separate process, as the web would be.
-Prints JSON: median pages/s, the per-core overhead of our extract against the reference and
-the 2-process speedups (medians of ratios taken within each round).
+Prints JSON: median pages/s, the per-core overhead of our extract against the reference, the
+2-process speedups (medians of ratios taken within each round), each also as a fraction of the
+reference's own balanced 2-process speedup in the same round, and the parallel efficiency of every run
+(CPU seconds of its processes over processes x wall seconds; the crawl's site server not counted).
 """
 
 from __future__ import annotations
@@ -96,10 +102,15 @@ print(json.dumps([time.perf_counter() - t, time.process_time() - c]))
 """
 
 
-def bare_trafilatura(pages: Path) -> tuple[float, float]:
-    """(wall s, CPU s) of the reference loop over ``pages`` ([html, url] pairs and the options)."""
-    out = subprocess.run([sys.executable, "-c", REFERENCE, str(pages)], capture_output=True, text=True, check=True)
-    return tuple(json.loads(out.stdout))
+def bare_trafilatura(*pages: Path) -> tuple[float, float]:
+    """(wall s, CPU s) of the reference loop, one clean interpreter per file of ``pages`` ([html,
+    url] pairs and the options), all at once: the slowest one's wall time, their CPU time summed."""
+    procs = [subprocess.Popen([sys.executable, "-c", REFERENCE, str(f)], stdout=subprocess.PIPE, text=True)
+             for f in pages]
+    outs = [json.loads(p.communicate()[0]) for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"the reference loop failed: exit codes {[p.returncode for p in procs]}")
+    return max(w for w, _ in outs), sum(c for _, c in outs)
 
 
 def timed(fn):
@@ -137,6 +148,9 @@ def main() -> None:
         opts = ExtractConfig().model_dump(include={"favor_precision", "favor_recall", "include_tables",
                                                    "include_comments"})
         (work / "reference.json").write_text(json.dumps([html, opts]))
+        halves = [work / f"reference-{k}.json" for k in (0, 1)]
+        for k, f in enumerate(halves):
+            f.write_text(json.dumps([html[k::2], opts]))
         runs = {
             **{f"extract_{p}p": (lambda i, p=p: extract(ExtractConfig(processes=p), pages, work / f"e{p}-{i}"))
                for p in (1, 2)},
@@ -149,8 +163,8 @@ def main() -> None:
         # compared with each other are run back to back (reference, extract 1p and 2p; crawl 1p
         # and 2p; WARC 1p and 2p), in an order rotated every round, and the median of the ratios
         # over rounds is reported
-        times: dict[str, list[tuple[float, float]]] = {name: [] for name in ["reference", *runs]}
-        groups = [["reference", "extract_1p", "extract_2p"], ["crawl_extract_1p", "crawl_extract_2p"],
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name in ["reference", "reference_2p", *runs]}
+        groups = [["reference", "reference_2p", "extract_1p", "extract_2p"], ["crawl_extract_1p", "crawl_extract_2p"],
                   ["warc_extract_1p", "warc_extract_2p"]]
         for i in range(args.rounds):
             for group in groups[i % 3:] + groups[:i % 3]:
@@ -158,23 +172,41 @@ def main() -> None:
                     with cores(2 if name.endswith("2p") else 1):
                         if name == "reference":
                             times[name].append(bare_trafilatura(work / "reference.json"))
+                        elif name == "reference_2p":
+                            times[name].append(bare_trafilatura(*halves))
                         else:
                             _, s = timed(lambda: runs[name](i))
                             times[name].append((s, timed.cpu))
         res["seconds_by_round"] = {name: [round(s, 3) for s, _ in ts] for name, ts in times.items()}
+        res["cpu_seconds_by_round"] = {name: [round(c, 3) for _, c in ts] for name, ts in times.items()}
+        res["parallel_efficiency"] = {}
         for name, ts in times.items():
             res[f"{name}_pages_per_s"] = round(n / statistics.median(s for s, _ in ts), 2)
             if name in ("reference", "extract_1p", "extract_2p"):
                 res[f"{name}_pages_per_cpu_s"] = round(n / statistics.median(c for _, c in ts), 2)
+            procs = 2 if name.endswith("2p") else 1
+            res["parallel_efficiency"][name] = round(statistics.median(c / (procs * s) for s, c in ts), 4)
+
+        def ratios(a: str, b: str, cpu: bool = False) -> list[float]:
+            return [x[cpu] / y[cpu] for x, y in zip(times[a], times[b])]
 
         def ratio(a: str, b: str, cpu: bool = False) -> float:
-            return round(statistics.median(x[cpu] / y[cpu] for x, y in zip(times[a], times[b])), 4)
+            return round(statistics.median(ratios(a, b, cpu)), 4)
 
         # per core: CPU time per page, all processes counted, against the bare loop's
         res["extract_overhead_per_core"] = round(ratio("extract_1p", "reference", cpu=True) - 1, 4)
         res["extract_1p_wall_overhead"] = round(ratio("extract_1p", "reference") - 1, 4)
+        res["reference_speedup_2p"] = ratio("reference", "reference_2p")
+        res["reference_speedup_2p_by_round"] = [round(r, 3) for r in ratios("reference", "reference_2p")]
+        ceiling = [w1 / (c2 / 2) for (w1, _), (_, c2) in zip(times["reference"], times["reference_2p"])]
+        res["reference_speedup_2p_balanced"] = round(statistics.median(ceiling), 4)
+        res["reference_speedup_2p_balanced_by_round"] = [round(r, 3) for r in ceiling]
         for k in ("extract", "crawl_extract", "warc_extract"):
             res[f"{k}_speedup_2p"] = ratio(f"{k}_1p", f"{k}_2p")
+            res[f"{k}_speedup_2p_by_round"] = [round(r, 3) for r in ratios(f"{k}_1p", f"{k}_2p")]
+            # against what two processes gained on the machine in the same round
+            res[f"{k}_speedup_2p_of_reference"] = round(statistics.median(
+                ours / ref for ours, ref in zip(ratios(f"{k}_1p", f"{k}_2p"), ceiling)), 4)
     res["rounds"] = args.rounds
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")

@@ -2,14 +2,18 @@
 
     python bench/train_vs_hf.py [--out bench/results/train_vs_hf.json] [--steps 200] [--shards DIR]
                                 [--threads 2] [--round-steps 10] [--init ours|hf] [--compile]
+                                [--device cuda --preset gpt2-124m --model-vocab 50304 --batch-size 16]
+    python bench/train_vs_hf.py --save-shards DIR     (build the token shards only, e.g. to carry them)
 
 Without ``--shards`` it builds its own token shards from the repo's real corpus: the pydoc site is
 rendered, collected from its local folder, extracted and tokenized (BPE, vocab 8192) in a temp dir.
 The build is not reproducible to the document (the rendered pages and their paths differ between
 runs, and the train/validation split hashes document ids), so losses compare within a run only.
 
-Three models of the same size (preset "tiny": 4 layers x 256 wide, 4 heads, T=256, vocab from
-the shards, fp32, dropout 0) train for the same number of steps on the same batches (batch 16):
+Three models of the same size (by default preset "tiny": 4 layers x 256 wide, 4 heads, T=256, vocab
+from the shards, fp32, dropout 0; ``--preset gpt2-124m --model-vocab 50304`` is GPT-2 small at
+T=1024, with its embedding padded as nanoGPT pads it, whatever the shards' vocabulary) train for
+the same number of steps on the same batches (batch 16):
   ours       ``ssl_model.trainer.train`` as it is, default settings (fused AdamW on CPU)
   hf         ``GPT2LMHeadModel`` (attention "sdpa", the default; activation "gelu_new", the
              default) in a plain PyTorch loop: the same ``Batches`` (same seed), loss = cross-entropy
@@ -33,16 +37,21 @@ references start from the weights our trainer starts from (``--init ours``, the 
 over by our Hugging Face export and checked to give the same logits), so the losses differ only
 by the training; ``--init hf`` keeps GPT2LMHeadModel's own initialisation (same scheme, other draws).
 With ``--compile`` ours runs with ``TrainSettings.compile=True``; the first steps' extra time
-is reported as compile time.
+is reported as compile time. On CUDA (``--device cuda``) all three train under bf16 autocast
+(``TrainSettings.bf16``, ``--no-bf16`` for fp32), the references with ``AdamW`` as PyTorch
+picks it there (foreach) and fused; every step's time ends at a ``torch.cuda.synchronize()``, and
+tokens/s is also given as MFU against the device's bf16 peak (``ssl_model.trainer.PEAK_BF16``).
 Prints JSON and writes it to --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -62,7 +71,7 @@ from ssl_model.config import ModelConfig, preset  # noqa: E402
 from ssl_model.data import Batches, TokenShards  # noqa: E402
 from ssl_model.export import export_hf  # noqa: E402
 from ssl_model.model import GPT  # noqa: E402
-from ssl_model.trainer import TrainSettings, lr_factor, train  # noqa: E402
+from ssl_model.trainer import TrainSettings, lr_factor, peak_flops, train  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
@@ -110,12 +119,16 @@ class Reference:
     """GPT2LMHeadModel of our shape trained by a plain loop, one step per call."""
 
     def __init__(self, cfg: ModelConfig, s: TrainSettings, train_data: TokenShards, fused: bool,
-                 init: dict | None):
+                 init: dict | None, device: torch.device):
         torch.manual_seed(s.seed)
         self.model = hf_model(cfg)
         assert self.model.config._attn_implementation == "sdpa", self.model.config._attn_implementation
         if init is not None:
             self.model.load_state_dict(init, strict=False)
+        self.model.to(device)
+        self.device = device
+        bf16 = s.bf16 and device.type == "cuda"   # as our trainer autocasts
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
         params = list(self.model.parameters())  # the tied head and embedding once
         self.opt = torch.optim.AdamW(
             [{"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
@@ -127,8 +140,10 @@ class Reference:
         self.model.train()
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        logits = self.model(input_ids=x).logits
-        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction=reduction)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        with self.autocast():
+            logits = self.model(input_ids=x).logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction=reduction)
 
     def step(self) -> float:
         x, y = self.loader.next()
@@ -138,7 +153,9 @@ class Reference:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.sched.step()
-        return loss.item()
+        value = loss.item()
+        synchronize(self.device)
+        return value
 
     @torch.no_grad()
     def evaluate(self, val_batches) -> float:
@@ -148,16 +165,27 @@ class Reference:
         return total / sum(y.numel() for _, y in val_batches)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so that a step's time is all of it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run(shards: Path, args) -> dict:
     train_data, val_data = TokenShards(shards, "train"), TokenShards(shards, "val")
     vocab = train_data.vocab_size
-    cfg = preset("tiny", vocab)
-    s = TrainSettings(max_steps=args.steps, threads=args.threads, sample_tokens=0, device="cpu",
-                      checkpoint_interval=10 ** 9, compile=args.compile)
+    if args.model_vocab is not None and args.model_vocab < vocab:
+        raise SystemExit(f"--model-vocab {args.model_vocab} is smaller than the shards' vocabulary ({vocab})")
+    cfg = preset(args.preset, args.model_vocab or vocab)
+    device = torch.device(args.device)
+    s = TrainSettings(max_steps=args.steps, threads=args.threads, sample_tokens=0, device=args.device,
+                      checkpoint_interval=10 ** 9, compile=args.compile, batch_size=args.batch_size,
+                      bf16=args.bf16)
     torch.set_num_threads(args.threads)
     val_batches = val_data.fixed_batches(s.batch_size, cfg.block_size, s.eval_batches)
     init = initial_weights_hf(cfg, s.seed) if args.init == "ours" else None
-    refs = {name: Reference(cfg, s, train_data, fused, init) for name, fused in (("hf", False), ("hf_fused", True))}
+    refs = {name: Reference(cfg, s, train_data, fused, init, device)
+            for name, fused in (("hf", False), ("hf_fused", True))}
     names = ["ours", *refs]
     secs: dict[str, dict[int, float]] = {n: {} for n in names}
     train_loss: dict[str, dict[int, float]] = {n: {} for n in names}
@@ -166,6 +194,7 @@ def run(shards: Path, args) -> dict:
     mark = {"t": time.perf_counter()}
 
     def callback(kind: str, step: int, m: dict) -> None:
+        synchronize(device)   # our optimizer step may still be running on the GPU
         t_in = time.perf_counter()
         if kind == "train":
             secs["ours"][step] = t_in - mark["t"]
@@ -194,7 +223,8 @@ def run(shards: Path, args) -> dict:
     res: dict = {"shards": {"train_tokens": train_data.tokens, "val_tokens": sum(y.numel() for _, y in val_batches),
                             "vocab_size": vocab},
                  "settings": {"model": cfg.to_dict(), "batch_size": s.batch_size, "steps": args.steps,
-                              "tokens_per_step": tokens, "threads": args.threads, "dtype": "float32",
+                              "tokens_per_step": tokens, "threads": args.threads, "device": str(device),
+                              "dtype": "bf16 autocast" if s.bf16 and device.type == "cuda" else "float32",
                               "lr": s.lr, "warmup_steps": s.warmup_steps, "weight_decay": s.weight_decay,
                               "grad_clip": s.grad_clip, "eval_interval": s.eval_interval, "compile": args.compile,
                               "hf_init": args.init,
@@ -202,8 +232,13 @@ def run(shards: Path, args) -> dict:
                               "hf_loss": "F.cross_entropy(model(input_ids=x).logits, y): our targets, "
                                          "no internal shift"},
                  "wall_s": round(wall, 1)}
+    peak = peak_flops(device, s.bf16)
+    with torch.device("meta"):   # the trainer's count, without the memory
+        flops_per_token = 6 * GPT(cfg).num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
     for n in names:
         res[f"{n}_tokens_per_s"] = round(tokens / statistics.median(secs[n][i] for i in measured), 1)
+        if peak:
+            res[f"{n}_mfu"] = round(res[f"{n}_tokens_per_s"] * flops_per_token / peak, 4)
     per_round = {}
     for ref in refs:
         per_round[ref] = [round(sum(secs[ref][i] for i in r) / sum(secs["ours"][i] for i in r), 4) for r in rounds]
@@ -237,13 +272,26 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10, help="first steps left out of the timing")
     ap.add_argument("--round-steps", type=int, default=10, help="measured steps per round")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--preset", default="tiny", help="model preset (ssl_model.config.PRESETS)")
+    ap.add_argument("--model-vocab", type=int, default=None,
+                    help="the models' vocabulary, at least the shards' (default: the shards'); 50304 for GPT-2's shape")
+    ap.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
+    ap.add_argument("--save-shards", type=Path, default=None, help="build the token shards into DIR and stop")
     ap.add_argument("--compile", action="store_true", help="ours with TrainSettings.compile=True")
     ap.add_argument("--init", choices=["ours", "hf"], default="ours",
                     help="references start from our initial weights (default) or from GPT2LMHeadModel's own init")
     args = ap.parse_args()
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else ""
+    if args.save_shards:
+        with tempfile.TemporaryDirectory(prefix="bench-tokens-") as work:
+            shutil.copytree(build_shards(Path(work), args.vocab), args.save_shards)
+        print(args.save_shards)
+        return
     res: dict = {"machine": {"cpus": os.cpu_count(), "cpu": cpu,
+                             "gpu": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None,
                              "python": platform.python_version(), "torch": torch.__version__,
                              "transformers": transformers.__version__}}
     with tempfile.TemporaryDirectory(prefix="bench-tokens-") as work:
