@@ -107,9 +107,10 @@ def bare_trafilatura(*pages: Path) -> tuple[float, float]:
     url] pairs and the options), all at once: the slowest one's wall time, their CPU time summed."""
     procs = [subprocess.Popen([sys.executable, "-c", REFERENCE, str(f)], stdout=subprocess.PIPE, text=True)
              for f in pages]
-    outs = [json.loads(p.communicate()[0]) for p in procs]
+    stdouts = [p.communicate()[0] for p in procs]
     if any(p.returncode for p in procs):
         raise RuntimeError(f"the reference loop failed: exit codes {[p.returncode for p in procs]}")
+    outs = [json.loads(out) for out in stdouts]
     return max(w for w, _ in outs), sum(c for _, c in outs)
 
 
