@@ -114,6 +114,11 @@ def bare_trafilatura(*pages: Path) -> tuple[float, float]:
     return max(w for w, _ in outs), sum(c for _, c in outs)
 
 
+def processes(name: str) -> int:
+    """How many processes a run of that name has (and cores it is pinned to)."""
+    return 2 if name.endswith("2p") else 1
+
+
 def timed(fn):
     t0, c0 = time.perf_counter(), cpu()
     out = fn()
@@ -170,7 +175,7 @@ def main() -> None:
         for i in range(args.rounds):
             for group in groups[i % 3:] + groups[:i % 3]:
                 for name in group[i % len(group):] + group[:i % len(group)]:
-                    with cores(2 if name.endswith("2p") else 1):
+                    with cores(processes(name)):
                         if name == "reference":
                             times[name].append(bare_trafilatura(work / "reference.json"))
                         elif name == "reference_2p":
@@ -185,8 +190,7 @@ def main() -> None:
             res[f"{name}_pages_per_s"] = round(n / statistics.median(s for s, _ in ts), 2)
             if name in ("reference", "extract_1p", "extract_2p"):
                 res[f"{name}_pages_per_cpu_s"] = round(n / statistics.median(c for _, c in ts), 2)
-            procs = 2 if name.endswith("2p") else 1
-            res["parallel_efficiency"][name] = round(statistics.median(c / (procs * s) for s, c in ts), 4)
+            res["parallel_efficiency"][name] = round(statistics.median(c / (processes(name) * s) for s, c in ts), 4)
 
         def ratios(a: str, b: str, cpu: bool = False) -> list[float]:
             return [x[cpu] / y[cpu] for x, y in zip(times[a], times[b])]

@@ -47,7 +47,6 @@ Prints JSON and writes it to --out.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -71,7 +70,7 @@ from ssl_model.config import ModelConfig, preset  # noqa: E402
 from ssl_model.data import Batches, TokenShards  # noqa: E402
 from ssl_model.export import export_hf  # noqa: E402
 from ssl_model.model import GPT  # noqa: E402
-from ssl_model.trainer import TrainSettings, lr_factor, peak_flops, train  # noqa: E402
+from ssl_model.trainer import TrainSettings, autocast_for, flops_per_token, lr_factor, peak_flops, train  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
@@ -127,8 +126,7 @@ class Reference:
             self.model.load_state_dict(init, strict=False)
         self.model.to(device)
         self.device = device
-        bf16 = s.bf16 and device.type == "cuda"   # as our trainer autocasts
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+        self.autocast = autocast_for(device, s.bf16)   # as our trainer autocasts
         params = list(self.model.parameters())  # the tied head and embedding once
         self.opt = torch.optim.AdamW(
             [{"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
@@ -234,11 +232,11 @@ def run(shards: Path, args) -> dict:
                  "wall_s": round(wall, 1)}
     peak = peak_flops(device, s.bf16)
     with torch.device("meta"):   # the trainer's count, without the memory
-        flops_per_token = 6 * GPT(cfg).num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+        flops = flops_per_token(GPT(cfg))
     for n in names:
         res[f"{n}_tokens_per_s"] = round(tokens / statistics.median(secs[n][i] for i in measured), 1)
         if peak:
-            res[f"{n}_mfu"] = round(res[f"{n}_tokens_per_s"] * flops_per_token / peak, 4)
+            res[f"{n}_mfu"] = round(res[f"{n}_tokens_per_s"] * flops / peak, 4)
     per_round = {}
     for ref in refs:
         per_round[ref] = [round(sum(secs[ref][i] for i in r) / sum(secs["ours"][i] for i in r), 4) for r in rounds]

@@ -83,6 +83,20 @@ def peak_flops(device: torch.device, bf16: bool) -> float | None:
     return next((peak for key, peak in PEAK_BF16 if key in name), None)
 
 
+def autocast_for(device: torch.device, bf16: bool) -> Callable[[], contextlib.AbstractContextManager]:
+    """The context a forward pass runs in: bf16 autocast on CUDA when ``bf16``, else none."""
+    if bf16 and device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def flops_per_token(model: GPT) -> float:
+    """Training FLOPs per token as MFU counts them: 6 x the non-embedding parameters, plus
+    attention's 12 x layers x width x context."""
+    c = model.cfg
+    return 6 * model.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * c.block_size
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
@@ -191,11 +205,10 @@ def train(model_cfg: ModelConfig, s: TrainSettings, shards_dir: str | Path, out_
             find_unused_parameters=s.objective == "contrastive")  # an untied head is unused there
     if s.compile:
         fwd = torch.compile(fwd)
-    bf16 = s.bf16 and device.type == "cuda"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-    peak = peak_flops(device, bf16)
+    autocast = autocast_for(device, s.bf16)
+    peak = peak_flops(device, s.bf16)
     passes = 2 if s.objective == "contrastive" else 1     # contrastive runs each passage twice
-    flops_per_token = 6 * model.num_params(non_embedding=True) + 12 * model_cfg.n_layer * model_cfg.n_embd * T
+    flops = flops_per_token(model)
     tokenizer = _tokenizer(shards_dir) if s.objective == "causal" and s.sample_tokens else None
 
     def evaluate() -> dict:
@@ -282,7 +295,7 @@ def train(model_cfg: ModelConfig, s: TrainSettings, shards_dir: str | Path, out_
         stats = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
                  "peak_memory_mb": peak_memory_mb(device), "skipped_steps": skipped}
         if peak:
-            stats["mfu"] = tps * flops_per_token / (peak * world)
+            stats["mfu"] = tps * flops / (peak * world)
         report("train", step, stats)
         t_last, tokens_since = now, 0
         if step % s.eval_interval == 0 or step == s.max_steps:
