@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # without PREFECT_API_URL a run starts Prefect's temporary server, which creates its database
+    # first: on a busy 2-core machine that took over Prefect's default 20 s (two suite runs failed
+    # with "Timed out while attempting to connect to ephemeral Prefect API server")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     args = build_parser().parse_args(argv)
     return args.fn(args)
 
