@@ -87,21 +87,27 @@ class Service:
 
     def start(self, timeout: float = 120) -> "Service":
         """Start the server in the background (unless one already answers) and wait until it is healthy."""
+        start_all([self], timeout)
+        return self
+
+    def launch(self) -> subprocess.Popen | None:
+        """Start the server in the background unless one already answers; does not wait."""
         if self.healthy():
-            return self
+            return None
         cmd, extra = self.command()
         log = open(self.home / f"{self.name}.log", "ab")
         proc = subprocess.Popen(cmd, env={**os.environ, **extra}, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.home)
         self.pidfile.write_text(str(proc.pid))
-        deadline = time.time() + timeout
-        while not self.healthy():
+        return proc
+
+    def wait_healthy(self, proc: subprocess.Popen | None, deadline: float) -> None:
+        while proc is not None and not self.healthy():
             if proc.poll() is not None or time.time() > deadline:
                 self.stop()
                 tail = (self.home / f"{self.name}.log").read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"{self.name} server did not start on {self.url}; log tail:\n{tail}")
             time.sleep(0.5)
-        return self
 
     def stop(self) -> None:
         if not self.pidfile.exists():
@@ -118,6 +124,15 @@ class Service:
         except ProcessLookupError:
             pass
         self.pidfile.unlink(missing_ok=True)
+
+
+def start_all(svcs: list[Service], timeout: float = 120) -> list[Service]:
+    """Start the servers side by side (each unless one already answers) and wait until all are healthy."""
+    launched = [(s, s.launch()) for s in svcs]
+    deadline = time.time() + timeout
+    for s, proc in launched:
+        s.wait_healthy(proc, deadline)
+    return svcs
 
 
 def services(home: str | Path | None = None, prefect_port: int = 4200, mlflow_port: int = 5000,
@@ -140,10 +155,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="PostgreSQL server, postgresql://user:password@host:port (default: SQLite in the state folder)")
     a = p.parse_args(argv)
     svcs = services(a.home, a.prefect_port, a.mlflow_port, a.database_url)
+    if a.action == "start":
+        start_all(svcs)
     for s in svcs:
-        if a.action == "start":
-            s.start()
-        elif a.action == "stop":
+        if a.action == "stop":
             s.stop()
         state = "up" if s.healthy() else "down"
         print(f"{s.name:8s} {state:5s} {s.url}   (state in {s.home / s.name}, log {s.home / (s.name + '.log')})")

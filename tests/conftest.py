@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from infra.services import free_port, services as make_services
+from infra.services import free_port, services as make_services, start_all
 from tasks import pydoc_site
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,6 +24,15 @@ TEST_MODULES = ("json csv argparse textwrap heapq bisect fractions statistics di
                 # enough prose left after the filters for the tokenizer and training tests
                 "bz2 codecs datetime gzip hashlib hmac locale lzma operator random selectors shutil "
                 "socketserver struct tempfile threading typing weakref zlib collections sqlite3").split()
+
+
+@pytest.fixture
+def refused_url() -> str:
+    """A URL on 127.0.0.1 whose connections are refused: its port stays bound, never listening,
+    for the whole test (a port that is merely free now may be another process's a moment later)."""
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{s.getsockname()[1]}/"
 
 
 @pytest.fixture(scope="session")
@@ -43,8 +54,7 @@ def servers(tmp_path_factory) -> dict[str, str]:
     home = tmp_path_factory.mktemp("services")
     svcs = make_services(home, free_port(), free_port())
     try:
-        for s in svcs:
-            s.start()
+        start_all(svcs)
         yield {k: v for s in svcs for k, v in s.env.items()}
     finally:
         for s in svcs:

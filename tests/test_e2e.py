@@ -337,16 +337,14 @@ def test_stage_results_on_s3_are_reused_by_the_next_run(tmp_path):
     assert len(json.loads(out.read_text())["objects"]) >= len(STAGES)
 
 
-def test_unreachable_start_url_stops_with_one_clear_message(tmp_path, servers):
+def test_unreachable_start_url_stops_with_one_clear_message(tmp_path, servers, refused_url):
     # no PREFECT_API_URL: the flow runs on Prefect's temporary local server
-    from infra.services import free_port
-    url = f"http://127.0.0.1:{free_port()}/"
-    proc = run_cli(["run", "--set", f"collect.start_urls=[{url}]", "--set", "collect.retries=0",
+    proc = run_cli(["run", "--set", f"collect.start_urls=[{refused_url}]", "--set", "collect.retries=0",
                     "--set", "collect.allow_private=[127.0.0.1/32]",
                     "--set", "tracking.experiment=bad-input"],
                    {"MLFLOW_TRACKING_URI": servers["MLFLOW_TRACKING_URI"]}, tmp_path)
-    assert proc.returncode == 1
-    assert "collect: 0 documents left" in proc.stderr and "connect_error=1" in proc.stderr
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "collect: 0 documents left" in proc.stderr and "connect_error=1" in proc.stderr, proc.stderr[-5000:]
     assert "Traceback" not in proc.stdout + proc.stderr
     assert list((tmp_path / "runs").glob("*/collect/dropped/part-00000.parquet"))  # what was written stays
 

@@ -26,7 +26,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from infra.postgres import DATABASES, Postgres
-from infra.services import Service, free_port, services as make_services
+from infra.services import Service, free_port, services as make_services, start_all
 from tests.conftest import BIN, ROOT, run_cli
 from tests.test_e2e import (STAGES, deployment_run, flow_run_id, runs_exited, stop_workers, wait_flow_run,
                             write_config)
@@ -69,8 +69,7 @@ def test_pipeline_on_postgresql_is_recorded_in_postgresql(tmp_path, postgres):
     pg = postgres()
     svcs = make_services(tmp_path / "services", free_port(), free_port(), database_url=pg.server_url)
     try:
-        for s in svcs:
-            s.start()
+        start_all(svcs)
         env = {k: v for s in svcs for k, v in s.env.items()}
         config = write_config(tmp_path / "run.yaml", "postgres", "postgres-gpt",
                               max_steps=20, eval_interval=10, checkpoint_interval=20)
@@ -252,8 +251,7 @@ def compose_stack(tmp_path_factory, postgres):
                  region_name="us-east-1").create_bucket(Bucket=bucket)   # what minio-bucket does
     svcs = [natively("prefect-server", free_port(), home, pg, s3_url), natively("mlflow", free_port(), home, pg, s3_url)]
     try:
-        for s in svcs:
-            s.start()
+        start_all(svcs)
         yield {"pg": pg, "prefect": svcs[0], "mlflow": svcs[1], "s3_url": s3_url, "bucket": bucket}
     finally:
         for s in svcs:

@@ -97,9 +97,8 @@ def test_collect_retries_5xx_with_backoff(tmp_path, site_dir):
     assert bad["rows"] == 0 and bad["reasons"] == {"http_5xx": 1}
 
 
-def test_collect_unreachable_start_url_is_a_reason_not_a_crash(tmp_path):
-    from infra.services import free_port
-    m = collect(CollectConfig(retries=0, allow_private=LOCAL), tmp_path / "c", start_urls=[f"http://127.0.0.1:{free_port()}/"])
+def test_collect_unreachable_start_url_is_a_reason_not_a_crash(tmp_path, refused_url):
+    m = collect(CollectConfig(retries=0, allow_private=LOCAL), tmp_path / "c", start_urls=[refused_url])
     assert m["rows"] == 0 and m["reasons"] == {"connect_error": 1}
 
 
