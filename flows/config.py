@@ -254,6 +254,10 @@ class TrainConfig(Section):
     compile: bool = Field(False, description="torch.compile the model and loss.")
     bf16: bool = Field(True, description="bf16 autocast on CUDA.")
     export_hf: bool = Field(True, description="causal: also export a Hugging Face transformers checkpoint.")
+    init_from: str | None = Field(
+        None, description="Start from this model's weights, not random ones (step 0, a new optimizer): a registered "
+                          "model (models:/NAME/VERSION, /latest or @ALIAS), a runs:/ID/PATH checkpoint, or a checkpoint "
+                          "file or folder here. Same shape (dropout aside) and the same tokenizer.")
 
     def model_shape(self) -> dict:
         """The model fields: the preset's, overridden by those set in the config."""

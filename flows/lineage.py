@@ -229,7 +229,7 @@ def stage_summary(link: dict) -> dict:
                                for f in m["files"] if f["path"].endswith(".bin")]
         out.update({k: m[k] for k in ("train_tokens", "val_tokens", "vocab_size", "dtype")})
     if link["stage"] == "train":
-        out.update({k: m.get(k) for k in ("model_uri", "checkpoint", "val_loss", "params", "objective")})
+        out.update({k: m.get(k) for k in ("model_uri", "checkpoint", "val_loss", "params", "objective", "init_from")})
     if link["stage"] == "dedup":
         out["clusters"] = m.get("clusters")
     return out
@@ -361,6 +361,10 @@ def format_lineage(r: dict) -> str:
             lines += [f"{'':<10} checkpoint {s['checkpoint']}  sha256 {s['digest']}",
                       f"{'':<10} {s['model_uri']}: {s['params']} parameters, {s['objective']}, "
                       f"val_loss {s['val_loss']:.4f}"]
+            if s["init_from"]:
+                src = s["init_from"]["source"]
+                lines.append(f"{'':<10} started from {src}  (checkpoint sha256 {s['init_from']['sha256']}"
+                             + (f"; its lineage: ssl-pipeline lineage {src})" if src.startswith("models:/") else ")"))
             continue
         lines.append(f"{'':<10} sha256 {s['digest']}")
         lines.append(f"{'':<10} documents in {s['docs_in']}, kept {s['docs_out']}, dropped {s['dropped']}"

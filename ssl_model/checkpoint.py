@@ -40,6 +40,16 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def init_checkpoint(source: str | Path) -> Path:
+    """The checkpoint file ``init_from`` names: ``source`` itself, or the latest one in a folder."""
+    path = Path(source)
+    path = latest_checkpoint(path) if path.is_dir() else path
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"train.init_from {str(source)!r}: no checkpoint there (a step-NNNNNNN.pt file, "
+                                "or a folder of them)")
+    return path
+
+
 def rng_state(gen: torch.Generator) -> dict:
     """This process's RNG states, as plain tensors and lists (loadable with weights_only)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()

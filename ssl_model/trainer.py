@@ -3,9 +3,11 @@ gradient accumulation, clipping, bf16 autocast and fused AdamW on CUDA, optional
 a NaN/loss-spike guard, validation, sample generations, checkpoints for bit-exact resume,
 and torchrun DDP.
 
-Reports through ``callback(kind, step, metrics)`` with kind in {"resume", "train", "eval",
+Reports through ``callback(kind, step, metrics)`` with kind in {"init", "resume", "train", "eval",
 "sample", "skip", "checkpoint"}; it knows nothing of Prefect or MLflow. A run finds the latest
 checkpoint in its folder and resumes from it, so a retried training continues where it stopped.
+With ``init_from`` a new run starts from another run's weights (continued pretraining, or a
+contrastive run on a pretrained encoder, as SimCSE does) instead of random ones.
 
 Under torchrun (``WORLD_SIZE`` set) each rank trains on its part of every global batch; only
 rank 0 reports and writes checkpoints.  Run ``python -m ssl_model.trainer --help`` for the CLI.
@@ -14,6 +16,7 @@ rank 0 reports and writes checkpoints.  Run ``python -m ssl_model.trainer --help
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import resource
@@ -25,7 +28,8 @@ from typing import Callable, Literal
 import torch
 import torch.distributed as dist
 
-from ssl_model.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ssl_model.checkpoint import (init_checkpoint, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
+                                  set_rng_state)
 from ssl_model.config import ModelConfig
 from ssl_model.data import Batches, TokenShards
 from ssl_model.model import GPT
@@ -64,6 +68,7 @@ class TrainSettings:
     threads: int | None = None
     compile: bool = False
     bf16: bool = True                # autocast to bf16 on CUDA
+    init_from: str | None = None     # a checkpoint file or folder (its latest): start from its weights
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainSettings":
@@ -141,6 +146,32 @@ def make_optimizers(model: GPT, s: TrainSettings, device: torch.device) -> list[
     return opts
 
 
+def tokenizer_digest(shards_dir: str | Path) -> str | None:
+    """sha256 of the shards' tokenizer.json (what their token ids mean), if they have one."""
+    path = Path(shards_dir) / "tokenizer.json"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def init_weights(model: GPT, source: str | Path, tokenizer_sha256: str | None) -> Path:
+    """Load the weights of the checkpoint ``source`` (a file, or a folder: its latest) into ``model``,
+    which must have the same shape (dropout aside) and, where both checkpoints record it, have been
+    trained on token ids of the same tokenizer. Returns the checkpoint file."""
+    path = init_checkpoint(source)
+    ckpt = load_checkpoint(path)
+    theirs, ours = ckpt["model_config"], model.cfg.to_dict()
+    differ = [k for k in ours if k != "dropout" and theirs.get(k) != ours[k]]
+    if differ:
+        raise ValueError(f"train.init_from {path}: its model has " + ", ".join(f"{k}={theirs.get(k)}" for k in differ)
+                         + "; this run's has " + ", ".join(f"{k}={ours[k]}" for k in differ)
+                         + ": give train the same shape (vocab_size is the tokenizer's)")
+    if ckpt.get("tokenizer_sha256") and tokenizer_sha256 and ckpt["tokenizer_sha256"] != tokenizer_sha256:
+        raise ValueError(f"train.init_from {path}: it was trained on another tokenizer (tokenizer.json sha256 "
+                         f"{ckpt['tokenizer_sha256'][:12]}, these token shards' {tokenizer_sha256[:12]}), so its "
+                         "token ids mean other things here: tokenize with the same data and tokenize settings")
+    model.load_state_dict(ckpt["model"])
+    return path
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
@@ -176,13 +207,16 @@ def train(model_cfg: ModelConfig, s: TrainSettings, shards_dir: str | Path, out_
 
     torch.manual_seed(s.seed)  # the same initial weights on every rank
     model = GPT(model_cfg).to(device)
+    tokenizer_sha256 = tokenizer_digest(shards_dir)
+    resume = latest_checkpoint(out_dir)
+    if s.init_from and resume is None:
+        report("init", 0, {"checkpoint": str(init_weights(model, s.init_from, tokenizer_sha256))})
     objective = make_objective(s.objective, model, train_data.meta, s.mask_prob, s.temperature).to(device)
     opts = make_optimizers(model, s, device)
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: lr_factor(step, s)) for o in opts]
     gen = torch.Generator().manual_seed(s.seed + rank)   # masks (mlm); dropout uses torch's global RNG
     torch.manual_seed(s.seed + rank)
     step, bad_in_row, skipped, avg_loss = 0, 0, 0, None
-    resume = latest_checkpoint(out_dir)
     if resume is not None:
         ckpt = load_checkpoint(resume, map_location=device)
         model.load_state_dict(ckpt["model"])
@@ -234,7 +268,7 @@ def train(model_cfg: ModelConfig, s: TrainSettings, shards_dir: str | Path, out_
                 "model": model.state_dict(), "optimizers": [o.state_dict() for o in opts],
                 "schedulers": [sc.state_dict() for sc in scheds], "loader": loader.state_dict(), "rng": rngs,
                 "step": step, "skipped": skipped, "avg_loss": avg_loss, "model_config": model_cfg.to_dict(),
-                "train_config": asdict(s), "metrics": metrics})
+                "train_config": asdict(s), "metrics": metrics, "tokenizer_sha256": tokenizer_sha256})
             report("checkpoint", step, {"path": str(path)})
         if world > 1:
             dist.barrier()
@@ -358,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
         if kind in ("resume", "train"):
             bar.n = step
             bar.set_postfix({k: f"{v:.4g}" for k, v in m.items() if k in ("loss", "tokens_per_s", "mfu")})
-        elif kind in ("eval", "skip", "sample"):
+        elif kind in ("init", "eval", "skip", "sample"):
             bar.write(f"step {step} {kind}: " + json.dumps(m))
 
     result = train(cfg, s, args.shards, args.out, progress)

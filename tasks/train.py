@@ -10,6 +10,7 @@ Hugging Face transformers checkpoint, and the model is logged as an MLflow pyfun
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 import warnings
@@ -21,6 +22,8 @@ from tqdm.auto import tqdm
 
 from flows import tracking
 from flows.config import TrainConfig
+from flows.lineage import model_version
+from ssl_model.checkpoint import init_checkpoint
 from ssl_model.config import ModelConfig
 from ssl_model.export import export_checkpoint
 from ssl_model.trainer import TrainSettings, train
@@ -42,7 +45,7 @@ class MlflowReporter:
             self.bar.update(step)
             tracking.client().set_tag(self.run_id, "resumed_from", metrics["checkpoint"])
             return
-        if kind == "checkpoint":
+        if kind in ("checkpoint", "init"):
             return
         if kind == "sample":
             tracking.client().log_text(self.run_id, metrics["text"], f"samples/step-{step:07d}.txt")
@@ -77,13 +80,54 @@ def log_model(run_id: str, checkpoint: str, tokenizer: str, registered_name: str
     return f"models:/{registered_name}/{info.registered_model_version}"
 
 
-@stage_task("train")
+REMOTE = ("models:/", "runs:/")   # what train.init_from downloads through MLflow
+
+
+def init_source(spec: str) -> str:
+    """What ``train.init_from`` names: a registered model as models:/NAME/VERSION (an alias or
+    /latest resolved), runs:/ as given, a local checkpoint as its file's absolute path."""
+    if spec.startswith("models:/"):
+        mv = model_version(spec)
+        return f"models:/{mv.name}/{mv.version}"
+    return spec if spec.startswith(REMOTE) else str(init_checkpoint(spec).resolve())
+
+
+def init_fingerprint(ctx: dict, section: dict) -> str | None:
+    """For the cache key: the model ``init_from`` names now (a local file by its content too)."""
+    if not section.get("init_from"):
+        return None
+    source = init_source(section["init_from"])
+    return source if source.startswith(REMOTE) else f"{source} sha256:{sha256_file(source)}"
+
+
+def download_checkpoint(source: str, out: Path) -> Path:
+    """The training checkpoint of a model or run artifact in MLflow, downloaded to ``out``."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    for d in (out, tmp):
+        shutil.rmtree(d, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp))
+    os.replace(tmp, out)
+    found = sorted(out.rglob("step-*.pt"))
+    if len(found) != 1:
+        raise FileNotFoundError(f"train.init_from {source}: expected one training checkpoint (step-NNNNNNN.pt) "
+                                f"in it, found {[str(p.relative_to(out)) for p in found]}")
+    return found[0]
+
+
+@stage_task("train", sources=init_fingerprint)
 def train_task(ctx: dict, section: dict, inputs: list[dict], run_id: str) -> tuple[dict, dict]:
     cfg = TrainConfig.model_validate(section)
     shards = inputs[0]
     out = stage_dir(ctx, "train")
     model_cfg = ModelConfig(vocab_size=shards["vocab_size"], **cfg.model_shape())
     settings = TrainSettings.from_dict(cfg.model_dump())
+    init = None
+    if cfg.init_from:
+        source = init_source(cfg.init_from)
+        path = download_checkpoint(source, out / "init") if source.startswith(REMOTE) else Path(source)
+        init, settings.init_from = {"source": source, "sha256": sha256_file(path)}, str(path)
+        tracking.client().set_tag(run_id, "ssl_pipeline.init_from", source)
     reporter = MlflowReporter(run_id, cfg.max_steps)
     t0 = time.time()
     try:
@@ -103,7 +147,7 @@ def train_task(ctx: dict, section: dict, inputs: list[dict], run_id: str) -> tup
     manifest = {**shards, "stage": "train", "dir": str(out), "dropped": 0, "reasons": {}, "seconds": seconds,
                 "checkpoint": result["checkpoint"], "model_uri": model_uri, "val_loss": result["val_loss"],
                 "ln_vocab": math.log(shards["vocab_size"]), "params": result["params"], "device": result["device"],
-                "objective": cfg.objective, "model_config": model_cfg.to_dict()}
+                "objective": cfg.objective, "model_config": model_cfg.to_dict(), "init_from": init}
     manifest["digest"] = sha256_file(result["checkpoint"])
     manifest["bytes"] = Path(result["checkpoint"]).stat().st_size
     finals = {f"final_{k}": float(v) for k, v in result.items() if k.startswith("val_") and k != "val_tokens"}

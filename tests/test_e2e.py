@@ -194,6 +194,23 @@ def test_pipeline_end_to_end_is_tracked_and_the_registered_model_scores(tmp_path
                       json={"artifacts": {"key": {"any_": ["funnel"]}}}).json()
     assert any(a["flow_run_id"] == fr_id and a["type"] == "table" for a in arts)
 
+    # a contrastive model on the registered causal one's weights (SimCSE starts from a pretrained
+    # encoder): the data stages come back cached, train starts from what models:/e2e-gpt/latest is
+    simcse = run_cli(["run", "--config", config, "--set", "train.init_from=models:/e2e-gpt/latest",
+                      "--set", "train.objective=contrastive", "--set", "train.dropout=0.1",
+                      "--set", "train.max_steps=10", "--set", "tracking.registered_model=e2e-simcse"], servers, tmp_path)
+    assert simcse.returncode == 0, simcse.stdout[-3000:] + simcse.stderr[-5000:]
+    states = task_states(servers["PREFECT_API_URL"], flow_run_id(simcse.stdout))
+    assert states == {**{s: ["Cached"] for s in STAGES[:5]}, "train": ["Completed"]}, states
+    trained = client.get_run(client.get_model_version("e2e-simcse", "1").run_id)
+    assert trained.data.tags["ssl_pipeline.init_from"] == "models:/e2e-gpt/1"
+    asked = client.get_run(trained.data.tags["mlflow.parentRunId"]).data.params
+    assert asked["train.init_from"] == "models:/e2e-gpt/latest" and asked["train.objective"] == "contrastive"
+    assert "final_val_retrieval_accuracy" in trained.data.metrics
+    lineage = run_cli(["lineage", "models:/e2e-simcse/1"], servers, tmp_path)
+    assert lineage.returncode == 0, lineage.stderr[-3000:]
+    assert "started from models:/e2e-gpt/1" in lineage.stdout, lineage.stdout
+
 
 class Receiver(http.server.ThreadingHTTPServer):
     """A webhook receiver on 127.0.0.1 that keeps the JSON bodies it is sent."""

@@ -7,6 +7,7 @@ import json
 from collections import Counter
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -117,6 +118,45 @@ def test_contrastive_objective_trains_and_reports_retrieval(tmp_path, stages):
     assert 0 <= result["val_retrieval_accuracy"] <= 1 and result["val_retrieval_chance"] == pytest.approx(chance)
     with pytest.raises(ValueError, match="dropout > 0"):
         train(preset("test", 1024), s, stages["tokenize"]["dir"], tmp_path / "x")
+
+
+def test_a_run_started_from_another_runs_checkpoint_has_its_weights(tmp_path, stages):
+    """init_from: step 0 of the new run scores what the source's last step scored; a new
+    objective and dropout may differ, the shape and the tokenizer may not."""
+    shards, vocab = stages["tokenize"]["dir"], stages["tokenize"]["vocab_size"]
+    cfg = preset("test", vocab)
+    source, _ = run_events(cfg, TrainSettings(**{**SMALL, "max_steps": 20, "eval_interval": 20}), shards,
+                           tmp_path / "source")
+    assert load_checkpoint(source["checkpoint"])["tokenizer_sha256"]       # what its token ids mean
+    s = TrainSettings(**{**SMALL, "max_steps": 2, "eval_interval": 2, "init_from": str(tmp_path / "source")})
+    _, events = run_events(cfg, s, shards, tmp_path / "continued")
+    assert events[0] == ("init", 0, {"checkpoint": source["checkpoint"]})   # a folder: its latest checkpoint
+    first = next(m for kind, _, m in events if kind == "eval")
+    assert first["val_loss"] == source["val_loss"]
+    _, scratch = run_events(cfg, TrainSettings(**{**SMALL, "max_steps": 2, "eval_interval": 2}), shards,
+                            tmp_path / "scratch")
+    assert next(m for kind, _, m in scratch if kind == "eval")["val_loss"] > source["val_loss"] + 1
+
+    # SimCSE's way: contrastive, with dropout, on the causal model's weights
+    con = TrainSettings(**{**SMALL, "objective": "contrastive", "max_steps": 2, "eval_interval": 2,
+                           "init_from": source["checkpoint"]})
+    result, events = run_events(preset("test", vocab, dropout=0.1), con, shards, tmp_path / "contrastive")
+    assert events[0][0] == "init" and result["steps"] == 2
+    # its retry resumes its own checkpoint, not the source's weights again
+    _, again = run_events(preset("test", vocab, dropout=0.1), con, shards, tmp_path / "contrastive")
+    assert [kind for kind, *_ in again][:1] == ["resume"]
+
+    with pytest.raises(ValueError, match=r"n_embd=64; this run's has n_embd=128"):
+        train(preset("test", vocab, n_embd=128), s, shards, tmp_path / "wider")
+    other = tmp_path / "other-tokenizer"                    # the same ids, another tokenizer.json
+    shutil.copytree(shards, other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    tok["model"]["vocab"] = dict(reversed(list(tok["model"]["vocab"].items())))
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(ValueError, match="another tokenizer"):
+        train(cfg, s, other, tmp_path / "other")
+    with pytest.raises(FileNotFoundError, match="no checkpoint there"):
+        train(cfg, TrainSettings(**{**SMALL, "init_from": str(tmp_path / "missing")}), shards, tmp_path / "m")
 
 
 def test_schedules_warm_up_then_decay_to_min_lr():
