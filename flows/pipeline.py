@@ -94,8 +94,11 @@ def pipeline(config_path: str | None = None, overrides: list[str] | None = None)
     summary = {"mlflow_run_id": parent, "mlflow_run_url": tracking.run_url(parent),
                "model_uri": train["model_uri"], "val_loss": train["val_loss"], "ln_vocab": train["ln_vocab"],
                "run_dir": str(run_dir)}
-    return Completed(message=f"val_loss {train['val_loss']:.3f} (ln vocab {train['ln_vocab']:.3f})",
-                     data=summary)
+    message = f"val_loss {train['val_loss']:.3f} (ln vocab {train['ln_vocab']:.3f})"
+    if train.get("objective") == "contrastive":   # its val_loss is InfoNCE over the batch, not per token
+        accuracy, chance = train["retrieval"]
+        message = f"val retrieval accuracy {accuracy:.3f} (chance {chance:.3f}), InfoNCE {train['val_loss']:.3f}"
+    return Completed(message=message, data=summary)
 
 
 @flow(name="ssl-train", log_prints=True)

@@ -147,7 +147,8 @@ def train_task(ctx: dict, section: dict, inputs: list[dict], run_id: str) -> tup
     manifest = {**shards, "stage": "train", "dir": str(out), "dropped": 0, "reasons": {}, "seconds": seconds,
                 "checkpoint": result["checkpoint"], "model_uri": model_uri, "val_loss": result["val_loss"],
                 "ln_vocab": math.log(shards["vocab_size"]), "params": result["params"], "device": result["device"],
-                "objective": cfg.objective, "model_config": model_cfg.to_dict(), "init_from": init}
+                "objective": cfg.objective, "model_config": model_cfg.to_dict(), "init_from": init,
+                "retrieval": [result.get("val_retrieval_accuracy"), result.get("val_retrieval_chance")]}
     manifest["digest"] = sha256_file(result["checkpoint"])
     manifest["bytes"] = Path(result["checkpoint"]).stat().st_size
     finals = {f"final_{k}": float(v) for k, v in result.items() if k.startswith("val_") and k != "val_tokens"}

@@ -207,6 +207,7 @@ def test_pipeline_end_to_end_is_tracked_and_the_registered_model_scores(tmp_path
     asked = client.get_run(trained.data.tags["mlflow.parentRunId"]).data.params
     assert asked["train.init_from"] == "models:/e2e-gpt/latest" and asked["train.objective"] == "contrastive"
     assert "final_val_retrieval_accuracy" in trained.data.metrics
+    assert re.search(r"Done: val retrieval accuracy [0-9.]+ \(chance [0-9.]+\), InfoNCE [0-9.]+", simcse.stdout)
     lineage = run_cli(["lineage", "models:/e2e-simcse/1"], servers, tmp_path)
     assert lineage.returncode == 0, lineage.stderr[-3000:]
     assert "started from models:/e2e-gpt/1" in lineage.stdout, lineage.stdout
