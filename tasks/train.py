@@ -9,6 +9,7 @@ Hugging Face transformers checkpoint, and the model is logged as an MLflow pyfun
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
@@ -100,14 +101,16 @@ def init_fingerprint(ctx: dict, section: dict) -> str | None:
     return source if source.startswith(REMOTE) else f"{source} sha256:{sha256_file(source)}"
 
 
-def download_checkpoint(source: str, out: Path) -> Path:
-    """The training checkpoint of a model or run artifact in MLflow, downloaded to ``out``."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    for d in (out, tmp):
-        shutil.rmtree(d, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp))
-    os.replace(tmp, out)
+def download_checkpoint(source: str, folder: Path) -> Path:
+    """The training checkpoint of a model version or run artifact in MLflow (both immutable),
+    downloaded once under ``folder``: a retried train task finds it there."""
+    out = folder / hashlib.sha256(source.encode()).hexdigest()[:16]
+    if not out.is_dir():
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp))
+        os.replace(tmp, out)
     found = sorted(out.rglob("step-*.pt"))
     if len(found) != 1:
         raise FileNotFoundError(f"train.init_from {source}: expected one training checkpoint (step-NNNNNNN.pt) "
