@@ -254,9 +254,8 @@ def run(shards: Path, args) -> dict:
     last = max(val_loss["ours"])
     res["final_val_loss"] = {n: round(val_loss[n][last], 4) for n in names}
     res["final_val_loss_diff_vs_stronger"] = round(val_loss["ours"][last] - val_loss[strongest][last], 4)
-    res["train_loss_last10"] = {n: round(statistics.mean(train_loss[n][i] for i in range(args.steps - 9,
-                                                                                          args.steps + 1)), 4)
-                                for n in names}
+    last10 = range(max(1, args.steps - 9), args.steps + 1)
+    res["train_loss_last10"] = {n: round(statistics.mean(train_loss[n][i] for i in last10), 4) for n in names}
     res["step_seconds"] = {n: [round(secs[n][i], 3) for i in range(1, args.steps + 1)] for n in names}
     return res
 

@@ -283,10 +283,12 @@ def train(model_cfg: ModelConfig, s: TrainSettings, shards_dir: str | Path, out_
     while step < s.max_steps:
         lr = scheds[0].get_last_lr()[0]
         micro = [objective.prepare(*loader.next(), gen) for _ in range(s.grad_accum)]
-        count = torch.tensor(float(sum(n for _, n in micro)), device=device)
-        if world > 1:
-            dist.all_reduce(count)
-        scale = world / max(count.item(), 1.0)
+        count = float(sum(n for _, n in micro))
+        if world > 1:   # the valid tokens of the global batch
+            count_t = torch.tensor(count, device=device)
+            dist.all_reduce(count_t)
+            count = count_t.item()
+        scale = world / max(count, 1.0)
         loss_sum = torch.zeros((), device=device)
         for i, (batch, _) in enumerate(micro):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -299,9 +301,9 @@ def train(model_cfg: ModelConfig, s: TrainSettings, shards_dir: str | Path, out_
             tokens_since += batch["x"].numel() * passes * world
         if world > 1:
             dist.all_reduce(loss_sum)
-        loss_value = loss_sum.item() / world
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip if s.grad_clip > 0
-                                                          else float("inf")))
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip if s.grad_clip > 0 else float("inf"))
+        loss_value, grad_norm = torch.stack([loss_sum.float(), norm.float()]).tolist()  # one wait for the GPU
+        loss_value /= world
         # a loss near 0 (contrastive, a late MLM) jumps several-fold on noise alone: the recent
         # average counts as at least SPIKE_FLOOR nats
         spike = s.spike_factor > 0 and avg_loss is not None and loss_value > s.spike_factor * max(avg_loss, SPIKE_FLOOR)
