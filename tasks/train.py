@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import shutil
 import time
 import warnings
@@ -29,7 +28,7 @@ from ssl_model.config import ModelConfig
 from ssl_model.export import export_checkpoint
 from ssl_model.trainer import TrainSettings, train
 from tasks import scoring
-from tasks.shards import sha256_file
+from tasks.shards import fresh_tmp_dir, publish_dir, sha256_file
 from tasks.stage import stage_dir, stage_task
 
 class MlflowReporter:
@@ -106,11 +105,9 @@ def download_checkpoint(source: str, folder: Path) -> Path:
     downloaded once under ``folder``: a retried train task finds it there."""
     out = folder / hashlib.sha256(source.encode()).hexdigest()[:16]
     if not out.is_dir():
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = fresh_tmp_dir(out)
         mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp))
-        os.replace(tmp, out)
+        publish_dir(tmp, out)
     found = sorted(out.rglob("step-*.pt"))
     if len(found) != 1:
         raise FileNotFoundError(f"train.init_from {source}: expected one training checkpoint (step-NNNNNNN.pt) "
