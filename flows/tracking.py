@@ -104,6 +104,22 @@ def stage_metrics(manifest: dict, inputs: list[dict]) -> dict[str, float]:
     return m
 
 
+# what the tracking server's database says when two inserts of one dataset race (SQLite, PostgreSQL, MySQL)
+DUPLICATE_ROW = ("UNIQUE constraint failed", "duplicate key value violates unique constraint", "Duplicate entry")
+
+
+def _log_input(ds: MetaDataset, context: str, tags: dict | None = None) -> None:
+    """mlflow.log_input into the active run. Two stages logging one dataset at the same moment (an
+    extract following its collect: one logs it as output, the other as input) can both find it new
+    on the server, which then refuses the second insert; logged again, it finds the first one's."""
+    try:
+        mlflow.log_input(ds, context=context, tags=tags)
+    except MlflowException as e:
+        if not any(s in str(e) for s in DUPLICATE_ROW):
+            raise
+        mlflow.log_input(ds, context=context, tags=tags)
+
+
 def log_stage(run_id: str, stage: str, manifest: dict, inputs: list[dict], metrics: dict | None = None) -> None:
     """Counts, seconds and bytes as metrics; input and output datasets with mlflow.log_input.
 
@@ -114,10 +130,10 @@ def log_stage(run_id: str, stage: str, manifest: dict, inputs: list[dict], metri
     with mlflow.start_run(run_id=run_id, nested=True):  # log_input needs an active run: only inside this block
         for src in manifest.get("sources", []):
             source = HTTPDatasetSource(src) if src.startswith("http") else LocalArtifactDatasetSource(src)
-            mlflow.log_input(MetaDataset(source, name=src), context="source")
+            _log_input(MetaDataset(source, name=src), "source")
         for m in inputs:
-            mlflow.log_input(dataset(m, m["stage"]), context="input", tags={"sha256": m["digest"]})
-        mlflow.log_input(dataset(manifest, stage), context="output", tags={"sha256": manifest["digest"]})
+            _log_input(dataset(m, m["stage"]), "input", {"sha256": m["digest"]})
+        _log_input(dataset(manifest, stage), "output", {"sha256": manifest["digest"]})
     _log_text(run_id, json.dumps(manifest, indent=2, default=str), "manifest.json")
 
 

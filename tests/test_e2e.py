@@ -252,6 +252,32 @@ def test_runs_starting_together_share_one_new_experiment(servers, monkeypatch):
             assert ids == [MlflowClient(servers["MLFLOW_TRACKING_URI"]).get_experiment_by_name(name).experiment_id] * 8
 
 
+def test_a_dataset_logged_by_two_stages_at_once_is_linked_to_both(servers, stages, monkeypatch):
+    """An extract following its collect can end with it: collect logs its dataset as output while
+    extract logs it as input, both find it new, and the server refuses one of the two inserts (seen
+    as a failed extract). Both stage runs get it, every time."""
+    from concurrent.futures import ThreadPoolExecutor
+    from flows import tracking
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", servers["MLFLOW_TRACKING_URI"])
+    client = MlflowClient(servers["MLFLOW_TRACKING_URI"])
+    collect, extract = stages["collect"], stages["extract"]
+    start = threading.Barrier(2)
+
+    def log(run_id: str, stage: str) -> None:
+        start.wait()
+        tracking.log_stage(run_id, stage, stages[stage], [collect] if stage == "extract" else [])
+
+    with ThreadPoolExecutor(2) as pool:
+        for i in range(20):   # a dataset is new once per experiment
+            exp = tracking.experiment_id(f"datasets-race-{i}-{time.time_ns()}")
+            runs = {stage: client.create_run(exp).info.run_id for stage in ("collect", "extract")}
+            list(pool.map(log, runs.values(), runs.keys()))    # re-raises what either call raised
+            for stage, run_id in runs.items():
+                logged = {(d.dataset.name, d.dataset.digest) for d in client.get_run(run_id).inputs.dataset_inputs}
+                assert ("collect", collect["digest"][:36]) in logged, (i, stage, logged)
+            assert ("extract", extract["digest"][:36]) in logged
+
+
 def test_retry_after_a_failed_train_reuses_the_finished_stages(tmp_path, servers):
     config = tmp_path / "run.yaml"
     receiver = Receiver()
@@ -363,7 +389,7 @@ def test_unreachable_start_url_stops_with_one_clear_message(tmp_path, servers, r
                    {"MLFLOW_TRACKING_URI": servers["MLFLOW_TRACKING_URI"]}, tmp_path)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "collect: 0 documents left" in proc.stderr and "connect_error=1" in proc.stderr, proc.stderr[-5000:]
-    assert "Traceback" not in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stdout[-3000:] + proc.stderr[-8000:]
     assert list((tmp_path / "runs").glob("*/collect/dropped/part-00000.parquet"))  # what was written stays
 
 
