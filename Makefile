@@ -1,5 +1,5 @@
 # make demo   install, start local Prefect + MLflow servers, run the pipeline on the embedded pydoc site
-# make test   install with test extras, run the test suite
+# make test   install with test extras and the Debian packages the tests need, run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -7,7 +7,7 @@ PREFECT_PORT ?= 4200
 MLFLOW_PORT  ?= 5000
 SERVICES_ENV := PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT)
 
-.PHONY: install demo test services stop clean bench-datatrove-env
+.PHONY: install system-deps demo test services stop clean bench-datatrove-env
 
 install: $(VENV)/.installed
 
@@ -24,7 +24,12 @@ services: install
 demo: services
 	$(SERVICES_ENV) $(BIN)/ssl-pipeline run --config flows/profiles/demo.yaml
 
-test: install
+# the Debian packages the tests need (chromium, postgresql, python3-doc, ...): installed as root,
+# otherwise listed before any test runs
+system-deps:
+	@infra/system-deps.sh
+
+test: install system-deps
 	$(BIN)/python -m pytest
 
 stop:

@@ -16,6 +16,8 @@ Collect and extract run side by side as the flow runs them: extract follows coll
 A "1 process" run is pinned to one core (the crawl, the extraction worker and the stage's own
 work share it), a "2 process" run to two: pages/s per core, as the floors mean it. The site is
 served by a separate process, as the web would be.
+Before the rounds, the start-up of worker processes is timed in fresh interpreters: the first pool
+of a process (the worker server starts and imports the stages) and the next one.
 Prints JSON: median pages/s, the per-core overhead of our extract against the reference, the
 2-process speedups (medians of ratios taken within each round), each also as a fraction of the
 reference's own balanced 2-process speedup in the same round, and the parallel efficiency of every run
@@ -43,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import trafilatura  # noqa: E402
+from multiprocessing import forkserver  # noqa: E402
 from warcio.statusandheaders import StatusAndHeaders  # noqa: E402
 from warcio.warcwriter import WARCWriter  # noqa: E402
 
@@ -51,12 +54,45 @@ from tasks import pydoc_site  # noqa: E402
 from tasks.collect import collect  # noqa: E402
 from tasks.extract import extract  # noqa: E402
 from tasks.shards import follow_rows, future_state, iter_rows  # noqa: E402
+from tasks.workers import process_pool  # noqa: E402
 
 
 def cpu() -> float:
-    """CPU seconds of this process and its finished children (the extraction workers)."""
+    """CPU seconds of this process, its finished children, and the extraction workers (forked by
+    multiprocessing's worker server, which reaps them: its children's CPU time is in /proc)."""
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime + worker_server_cpu()
+
+
+def worker_server_cpu() -> float:
+    """CPU seconds of the worker server and of the workers it has reaped."""
+    pid = forkserver._forkserver._forkserver_pid
+    if not pid:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")   # utime stime cutime cstime
+
+
+WORKER_START = r"""
+import json, sys, time
+from tasks.workers import process_pool
+if __name__ == "__main__":
+    times = []
+    for _ in range(2):
+        t = time.perf_counter()
+        with process_pool(1) as pool:
+            pool.submit(int).result()
+        times.append(time.perf_counter() - t)
+    print(json.dumps(times))
+"""
+
+
+def worker_start() -> tuple[float, float]:
+    """(s) from opening a pool to a first result, in a fresh interpreter: the first pool (the worker
+    server starts and imports the stages) and the next one (a worker forked from it)."""
+    out = subprocess.run([sys.executable, "-c", WORKER_START], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    return tuple(json.loads(out.stdout))
 
 
 @contextlib.contextmanager
@@ -169,6 +205,11 @@ def main() -> None:
         # compared with each other are run back to back (reference, extract 1p and 2p; crawl 1p
         # and 2p; WARC 1p and 2p), in an order rotated every round, and the median of the ratios
         # over rounds is reported
+        starts = [worker_start() for _ in range(3)]
+        res["worker_start_cold_s"] = round(statistics.median(c for c, _ in starts), 3)
+        res["worker_start_warm_s"] = round(statistics.median(w for _, w in starts), 4)
+        with process_pool(1) as pool:   # the worker server is started once per process, before the rounds
+            pool.submit(int).result()
         times: dict[str, list[tuple[float, float]]] = {name: [] for name in ["reference", "reference_2p", *runs]}
         groups = [["reference", "reference_2p", "extract_1p", "extract_2p"], ["crawl_extract_1p", "crawl_extract_2p"],
                   ["warc_extract_1p", "warc_extract_2p"]]

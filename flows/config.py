@@ -59,6 +59,22 @@ class CollectConfig(Section):
                                      description="Media types collected; others are dropped as not_html.")
     allow_private: list[str] = Field([], description="Networks (CIDR) or hosts the crawler may reach although "
                                                       "private, loopback, link-local or reserved.")
+    max_depth: int = Field(10, ge=0, description="Links are followed at most this many hops from a start URL; "
+                                                   "further links are recorded as max_depth.")
+    max_query_variants: int = Field(50, ge=0, description="Links followed per path that differ only in their query "
+                                                          "string; more are recorded as crawl_trap.")
+    max_path_segments: int = Field(20, ge=1, description="Links with more path segments are recorded as crawl_trap.")
+    max_segment_repeats: int = Field(2, ge=1, description="Links whose path repeats one segment more often "
+                                                          "(/a/b/a/b/a/) are recorded as crawl_trap.")
+    max_pattern_failures: int = Field(5, ge=1, description="Links of one numbered form (/cal/#/#/x.html) are "
+                                                           "recorded as crawl_trap once this many failed (HTTP 4xx) "
+                                                           "and none succeeded.")
+    strip_query_params: list[str] = Field(
+        ["utm_*", "gclid", "dclid", "fbclid", "msclkid", "yclid", "gbraid", "wbraid", "mc_cid", "mc_eid", "_ga",
+         "_gl", "igshid", "phpsessid", "jsessionid", "aspsessionid*", "sessionid", "session_id", "sid", "cfid",
+         "cftoken"],
+        description="Query parameters (glob patterns, any case) removed from URLs before they are compared and "
+                    "fetched: tracking and session ids.")
 
     @field_validator("start_urls", "sitemaps")
     @classmethod

@@ -1,124 +1,28 @@
-"""Readers for the collect stage's non-crawl sources: WARC/WET files, tables, URL lists, sitemaps.
+"""Readers for the collect stage's other sources: tables, URL lists, sitemaps, local files.
 
 Each reader yields ``("keep", page_fields)`` or ``("drop", fields, reason)`` so collect writes
-every record, kept or not, through one writer. Files are opened with fsspec, so local paths,
-http(s) and s3 URLs all work, gzipped or not.
+every record, kept or not, through one writer (WARC/WET files: ``tasks.warc``). Files are opened
+with fsspec, so local paths, http(s) and s3 URLs all work, gzipped or not.
 """
 
 from __future__ import annotations
 
-import codecs
 import csv
 import gzip
 import io
 import json
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-import charset_normalizer
 import fsspec
 import lxml.etree
 import pyarrow.parquet as pq
-from warcio.archiveiterator import ArchiveIterator
-
-HTML_TYPES = ("text/html", "application/xhtml+xml")
-UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
-LATIN = {"iso-8859-1", "latin-1", "latin1", "windows-1252", "cp1252", "us-ascii", "ascii"}
-
-
-def is_utf16(body: bytes, declared: str | None) -> bool:
-    """UTF-16 text (byte-order mark, or the label) is full of NUL bytes without being binary."""
-    return body[:2] in UTF16_BOMS or \
-        (declared or "").strip().lower().startswith("utf-16")
-
-
-def decode_body(body: bytes, declared: str | None) -> str:
-    """Decode a page, trusting its declared charset only when the bytes agree with it.
-
-    Pages often lie: a Latin-1 label on UTF-8 bytes, a UTF-8 label on Windows-1252 bytes, or
-    no label at all. A byte-order mark wins over the label. Raises UnicodeDecodeError when no
-    encoding fits.
-    """
-    if body[:2] in UTF16_BOMS:
-        return body.decode("utf-16")
-    if body.startswith(codecs.BOM_UTF8):
-        return body[3:].decode("utf-8")
-    declared = (declared or "").strip().lower() or None
-    if declared in LATIN or declared is None:
-        try:  # valid UTF-8 with non-ASCII bytes is almost never anything else
-            return body.decode("utf-8")
-        except UnicodeDecodeError:
-            pass
-    if declared:
-        try:
-            return body.decode(declared)
-        except (UnicodeDecodeError, LookupError):
-            pass
-    best = charset_normalizer.from_bytes(body).best()
-    if best is None:
-        raise UnicodeDecodeError(declared or "unknown", body[:1], 0, 1, "no encoding fits these bytes")
-    return str(best)
-
 
 def media_type(content_type: str | None) -> tuple[str, str | None]:
     """('text/html', 'utf-8') from 'text/html; charset=UTF-8'."""
     parts = [p.strip() for p in (content_type or "").split(";")]
     charset = next((p.split("=", 1)[1].strip(" \"'") for p in parts[1:] if p.lower().startswith("charset=")), None)
     return parts[0].lower(), charset
-
-
-def read_warc(path: str) -> Iterator[tuple]:
-    """Response records of a WARC (HTML pages) and conversion records of a WET (plain text).
-
-    Request, metadata and other records are skipped without a row; non-HTML responses are
-    dropped as ``not_html``; damage (a truncated gzip member, a wrong Content-Length) ends the
-    file with one ``warc_damaged`` row, after every good record before it was kept.
-    """
-    source, done = f"warc:{path}", 0
-    try:
-        with fsspec.open(path, "rb") as f:  # warcio reads gzip member by member itself
-            for record in ArchiveIterator(f):
-                row = _warc_row(record, source)
-                if row is not None:
-                    yield row
-                done += 1
-    except Exception as e:  # warcio raises assorted errors on damaged archives
-        yield "drop", {"source": source, "url": path, "error": f"after {done} records: {e!r}"[:500]}, "warc_damaged"
-
-
-def _warc_row(record, source: str) -> tuple | None:
-    if record.rec_type not in ("response", "conversion"):
-        return None
-    url = record.rec_headers.get_header("WARC-Target-URI") or ""
-    body = record.content_stream().read()
-    missing = getattr(record.raw_stream, "limit", 0)
-    if missing:  # the archive ended inside this record
-        raise EOFError(f"record {url} truncated: {missing} of its {record.length} bytes missing")
-    if record.rec_type == "conversion":
-        ctype, charset, status = "text/plain", "utf-8", 200
-    elif record.http_headers is None:
-        return None  # dns: and other non-HTTP responses
-    else:
-        status = int(record.http_headers.get_statuscode() or 0)
-        ctype, charset = media_type(record.http_headers.get_header("Content-Type"))
-    meta = {"source": source, "url": url, "status": status, "content_type": ctype,
-            "fetched_at": _warc_date(record.rec_headers.get_header("WARC-Date")),
-            "record_id": record.rec_headers.get_header("WARC-Record-ID")}
-    if status != 200:
-        return "drop", {**meta, "error": f"HTTP {status}"}, f"http_{status}"
-    if ctype not in HTML_TYPES and ctype != "text/plain":
-        return "drop", {**meta, "error": f"content type {ctype!r}"}, "not_html"
-    try:
-        return "keep", {**meta, "html": decode_body(body, charset)}
-    except UnicodeDecodeError as e:
-        return "drop", {**meta, "error": str(e)}, "decode_error"
-
-
-def _warc_date(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(timezone.utc)
 
 
 def read_table(path: str, text_column: str, url_column: str | None) -> Iterator[tuple]:
@@ -146,7 +50,7 @@ def _table_rows(rows, source, path, text_column, url_column) -> Iterator[tuple]:
                 "content_type": "text/plain", "record_id": str(i)}
         text = row[text_column]
         if not isinstance(text, str) or not text.strip():
-            yield "drop", {**meta, "error": "empty text"}, "empty_text"
+            yield "drop", {**meta, "error": "empty text"}, "empty_body"
         else:
             yield "keep", {**meta, "html": text}
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import gc
 import multiprocessing as mp
 import os
+import select
 import threading
+import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Callable, Iterable, Iterator
@@ -55,26 +56,61 @@ def time_limit(seconds: float) -> Iterator[None]:
         timer.cancel()
 
 
+# Imported once by the process that worker processes are forked from (``process_pool``).
+WORKER_MODULES = ["__main__", "tasks.worker_boot"]
+
+
 @contextlib.contextmanager
 def process_pool(processes: int) -> Iterator[ProcessPoolExecutor]:
-    """Worker processes for a stage. Fork: they start in milliseconds with the stage's modules
-    (trafilatura, numpy, the language model) already imported. The pool forks on its first
-    submit, once the stage has input: do not start it sooner. Forked while another thread of the
-    flow is spawning a subprocess (collect renders the embedded site in one), a worker inherits that
-    child's pipe ends, the child never sees its stdin close, and both hang (seen in a test run).
+    """Worker processes for a stage, forked from a clean server process (multiprocessing's
+    ``forkserver``), never from the flow: a worker forked from the flow would inherit whatever the
+    flow holds open at that moment (the crawler's sockets, which kept a refused response streaming
+    until the stage ended; a renderer's stdin; locks of other threads). The server is started
+    once per flow process, with nothing inherited but its own pipes, and imports the stages'
+    modules once (``tasks.worker_boot``: ~2-3 s, in the background while the crawl begins); each
+    worker then forks from it in milliseconds with those modules ready, and their objects frozen
+    out of the garbage collector. A worker runs on the cores the stage's process may use, and ends
+    itself when that process ends (``_worker_init``), killed or not: nothing is left writing to a
+    dead pipe."""
+    ensure_forkserver()
+    with ProcessPoolExecutor(max_workers=processes, mp_context=mp.get_context("forkserver"), initializer=_worker_init,
+                             initargs=(os.getpid(),)) as pool:
+        pool.width = processes   # how many shards run at once, as DaskShards.width
+        yield pool
 
-    While the pool is open the flow's objects are frozen out of the garbage collector
-    (``gc.freeze``, as Python's docs advise before a fork): a worker's full collections then do
-    not walk the ~240k objects it inherited (Prefect, pyarrow, ...), nor copy their pages. They
-    took ~5 % of an extraction worker's time."""
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    gc.freeze()
+
+def ensure_forkserver() -> None:
+    """Start the worker server now (it returns at once; the server imports in the background), so
+    that its imports overlap the stage's own start."""
+    from multiprocessing import forkserver
+    mp.get_context("forkserver").set_forkserver_preload(WORKER_MODULES)
+    forkserver.ensure_running()
+
+
+def _worker_init(pid: int) -> None:
+    """Pool initializer: run on the cores process ``pid`` (the stage's) may use, and end this
+    worker as soon as that process ends."""
+    with contextlib.suppress(AttributeError, OSError):   # no affinity outside Linux
+        os.sched_setaffinity(0, os.sched_getaffinity(pid))
+
+    def wait() -> None:
+        try:
+            select.select([os.pidfd_open(pid)], [], [])   # readable once that process has ended
+        except ProcessLookupError:
+            pass
+        except (AttributeError, OSError):   # no pidfd (not Linux): look every second
+            while _alive(pid):
+                time.sleep(1)
+        os._exit(1)
+    threading.Thread(target=wait, name="die-with-parent", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
     try:
-        with ProcessPoolExecutor(max_workers=processes, mp_context=ctx) as pool:
-            pool.width = processes   # how many shards run at once, as DaskShards.width
-            yield pool
-    finally:
-        gc.unfreeze()
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 @task(name="shard", cache_policy=NO_CACHE, persist_result=False)

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 SLOW_S = 0.3
+STALL_S = 4.0   # longer than the crawl's read_timeout_s (2 s)
 
 
 def loopback_up() -> None:
@@ -66,6 +67,17 @@ class Hostile(http.server.BaseHTTPRequestHandler):
                     self.wfile.write(bytes([b]))
                     self.wfile.flush()
                     time.sleep(SLOW_S)
+            elif path == "/stall-headers.html":      # no answer for longer than read_timeout_s
+                time.sleep(STALL_S)
+                self.send(200, page)
+            elif path == "/stall-body.html":         # half a body, then silence
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page[:len(page) // 2])
+                self.wfile.flush()
+                time.sleep(STALL_S)
             elif path == "/endless.html":            # a body without end
                 self.send_response(200)
                 self.send_header("Content-Type", "text/html")
@@ -118,7 +130,8 @@ EXPECTED = {
     "binary.html": "not_html", "image.png": "not_html", "loop-a.html": "redirect_loop",
     "to-private.html": "blocked_address", "to-metadata.html": "blocked_address",
     "always-500.html": "http_5xx", "private/page.html": "robots", "empty.html": "empty_body",
-    "missing.html": "http_404",
+    "missing.html": "http_404", "stall-headers.html": "timeout", "stall-body.html": "timeout",
+    "robots.txt": "not_document",
 }
 
 
@@ -141,9 +154,12 @@ def main(site_dir: str, out: str) -> None:
     t0 = time.monotonic()
     m = collect(cfg, work / "collect")
     kept = {r["url"]: r["html"] for r in read_table(m).to_pylist()}
+    charsets = {r["url"]: [r["charset"], r["charset_source"], r["replaced_bytes"]] for r in read_table(m).to_pylist()}
     dropped = {r["url"]: r["reason"] for r in read_table(m, dropped=True).to_pylist()}
+    errors = {r["url"]: r["error"] for r in read_table(m, dropped=True).to_pylist()}
     hits = {k: [round(t - v[0], 3) for t in v] for k, v in Hostile.hits.items()}
     Path(out).write_text(json.dumps({"base": base, "kept": kept, "dropped": dropped, "hits": hits,
+                                     "errors": errors, "charsets": charsets,
                                      "seconds": time.monotonic() - t0, "manifest": m}, default=str))
     server.shutdown()
 

@@ -52,6 +52,35 @@ def test_retries_back_off_and_honour_retry_after(hostile):
     assert second - first >= 1.0                                     # Retry-After: 1 was honoured
 
 
+def test_a_time_limit_is_retried_only_where_asking_again_can_help(hostile):
+    """A server that never answered may answer next time; a body that was arriving when a limit
+    fired would arrive as slowly again. The message names the limit that fired."""
+    hits, errors, base = hostile["hits"], hostile["errors"], hostile["base"]
+    assert len(hits["/stall-headers.html"]) == 3                      # 1 try + 2 retries
+    assert "read_timeout_s (2 s" in errors[base + "stall-headers.html"]
+    assert "before any byte" in errors[base + "stall-headers.html"]
+    assert len(hits["/stall-body.html"]) == 1
+    assert "read_timeout_s (2 s" in errors[base + "stall-body.html"]
+    assert len(hits["/slow-drip.html"]) == 1                          # not 3 x timeout_s
+    assert "timeout_s (3 s for the whole request)" in errors[base + "slow-drip.html"]
+    assert "bytes of the body had arrived" in errors[base + "slow-drip.html"]
+
+
+def test_a_sites_housekeeping_files_are_not_documents(hostile):
+    assert hostile["dropped"][hostile["base"] + "robots.txt"] == "not_document"
+    assert len(hostile["hits"]["/robots.txt"]) == 1                   # read once, for its rules
+
+
+def test_how_each_page_was_decoded_is_kept_with_it(hostile):
+    charsets, base = hostile["charsets"], hostile["base"]
+    assert charsets[base + "ok.html"] == ["utf-8", "http", 0]
+    assert charsets[base + "latin1-label.html"][:2] == ["utf-8", "utf8"]   # the bytes beat the label
+    assert charsets[base + "utf16.html"][:2] == ["utf-16", "bom"]
+    assert charsets[base + "utf8-label.html"][0] == "cp1252"
+    charset, _, replaced = charsets[base + "invalid-utf8.html"]
+    assert charset == "utf-8" and replaced == 6                        # three "\xff\xfe" pairs
+
+
 def test_nothing_hangs_past_its_time_limit(hostile):
     assert hostile["seconds"] < 20
     assert hostile["manifest"]["rows"] + hostile["manifest"]["dropped"] == len(EXPECTED) + 2
@@ -65,7 +94,7 @@ def test_the_guard_checks_the_address_every_connection_goes_to(site_url):
 
     import httpx
 
-    from tasks.collect import AddressGuard, Refused, guarded_transport
+    from tasks.crawler import AddressGuard, Refused, guarded_transport
 
     async def get(url: str, allow: list[str]) -> int:
         transport = guarded_transport(AddressGuard(allow), httpx.Limits(max_connections=2))

@@ -74,8 +74,9 @@ def test_truncated_warc_keeps_what_came_before_the_damage(tmp_path, site_dir):
     (tmp_path / "cut.warc.gz").write_bytes(data[:cut])
     m = collect(CollectConfig(warc_files=[str(tmp_path / "cut.warc.gz")]), tmp_path / "c")
     assert [r["url"].rsplit("/", 1)[1] for r in read_table(m).to_pylist()] == PAGES[:3]
-    assert m["reasons"] == {"warc_damaged": 1}
-    assert "after 7 records" in read_table(m, dropped=True)["error"][0].as_py()
+    assert m["reasons"] == {"warc_truncated": 1}
+    summary = m["warc_records"][str(tmp_path / "cut.warc.gz")]
+    assert summary["records"] == 8 == summary["kept"] + summary["dropped"] + summary["skipped"]
 
 
 def test_wrong_content_length_is_reported_not_fatal(tmp_path, site_dir):
@@ -89,8 +90,9 @@ def test_wrong_content_length_is_reported_not_fatal(tmp_path, site_dir):
     (tmp_path / "bad.warc").write_bytes(bad)
     m = collect(CollectConfig(warc_files=[str(tmp_path / "bad.warc")]), tmp_path / "c")
     kept = [r["url"].rsplit("/", 1)[1] for r in read_table(m).to_pylist()]
-    assert kept[:2] == PAGES[:2]
-    assert m["reasons"].get("warc_damaged") == 1
+    assert kept == PAGES[:2] + PAGES[3:]                      # every good record after the damage too
+    assert m["reasons"] == {"warc_bad_length": 1, "http_404": 1, "not_html": 1}
+    assert "declared Content-Length" in read_table(m, dropped=True).to_pylist()[0]["error"]
 
 
 def test_wet_conversion_records_are_plain_text(tmp_path, stages_text):
@@ -125,7 +127,7 @@ def test_parquet_and_jsonl_tables_with_a_text_column(tmp_path, stages_text):
     rows = read_table(m).to_pylist()
     assert [(r["url"], r["html"]) for r in rows] == stages_text * 2
     assert {r["source"].split(":")[0] for r in rows} == {"table"} and len({r["source"] for r in rows}) == 2
-    assert m["reasons"] == {"empty_text": 1}
+    assert m["reasons"] == {"empty_body": 1}
     with pytest.raises(ValueError, match="no column 'body'"):
         collect(CollectConfig(tables=[TableSource(path=str(tmp_path / "export.parquet"), text_column="body")]),
                 tmp_path / "c2")

@@ -256,12 +256,12 @@ def test_extract_in_parallel_processes_gives_the_same_rows(tmp_path, stages):
     assert {"hostname", "language", "date"} <= set(read_table(one).column_names)
 
 
-def test_worker_processes_leave_the_flows_objects_out_of_their_garbage_collection():
-    # a full collection in a worker would otherwise walk (and copy) every object it inherited
+def test_worker_processes_leave_the_stage_modules_out_of_their_garbage_collection():
+    # a full collection in a worker would otherwise walk (and copy) every object it inherited from
+    # the worker server: the stages' modules (trafilatura, pyarrow, Prefect, ...)
     with process_pool(2) as pool:
-        inherited = len(gc.get_objects())
-        assert pool.submit(gc.get_freeze_count).result() >= inherited // 2
-    assert gc.get_freeze_count() == 0   # the flow's own collections are back as they were
+        assert pool.submit(gc.get_freeze_count).result() > 100_000
+    assert gc.get_freeze_count() == 0   # the flow's own collections are as they were
 
 
 def test_extract_time_limit_drops_slow_pages_instead_of_stalling(tmp_path, stages):
