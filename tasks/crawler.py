@@ -36,7 +36,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass
 from html import unescape
-from typing import Sequence
+from typing import Callable, Sequence
 from urllib.parse import quote, unquote_plus, urljoin, urlsplit, urlunsplit
 
 import httpcore
@@ -109,6 +109,13 @@ def canonical_url(url: str, strip: Sequence[str] = ()) -> str:
             pieces.append((_escape(name, QUERY_SAFE), eq, _escape(value, QUERY_SAFE + "=")))
     query = "&".join("".join(p) for p in sorted(pieces))
     return urlunsplit((scheme, netloc, path, query, ""))
+
+
+def canonical_or_none(url: str, strip: Sequence[str] = ()) -> str | None:
+    try:
+        return canonical_url(url, strip)
+    except ValueError:
+        return None
 
 
 HREF_RE = re.compile(r"""<a\s[^>]*?\bhref\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'>]+))""", re.I)
@@ -322,151 +329,29 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
-class Crawler:
-    """Fetches seeds, sitemaps and followed links into ``writer`` (a ``StageWriter`` with the rows
-    of ``tasks.pages``). ``previous``: the last finished collect (conditional requests); ``done``:
-    what a killed earlier attempt already wrote (``tasks.collect.Previous`` and ``Done``)."""
+class Fetcher:
+    """HTTP for the crawler: every connection through the address guard, polite per host (robots.txt,
+    concurrency, rate), bounded in time and size, and asked again only where that can help.
+    ``conditional(url)``: the headers of a conditional request for a page already held."""
 
-    def __init__(self, cfg, writer, previous, done):
-        self.cfg, self.writer, self.previous, self.done = cfg, writer, previous, done
-        self.not_modified = 0
-        self.queued, self.beyond_max_pages = 0, 0   # URLs queued; links not followed past max_pages
-        self.guard = AddressGuard(cfg.allow_private)
-        self.traps = TrapGuard(cfg)
-        self.strip = tuple(cfg.strip_query_params)
+    def __init__(self, cfg, conditional: Callable[[str], dict[str, str]]):
+        self.cfg, self.conditional, self.strip = cfg, conditional, tuple(cfg.strip_query_params)
         self.robots: dict[str, asyncio.Future] = {}
         self.gates: dict[str, HostGate] = {}
-        self.seen: set[str] = set()      # URLs queued (or written by a killed attempt)
-        self.queue: asyncio.Queue[tuple[str, str, bool, int]] = asyncio.Queue()
-        self.hosts: set[str] = set()
 
-    def canonical(self, url: str) -> str | None:
-        try:
-            return canonical_url(url, self.strip)
-        except ValueError:
-            return None
+    async def __aenter__(self) -> "Fetcher":
+        cfg = self.cfg
+        timeout = httpx.Timeout(connect=cfg.connect_timeout_s, read=cfg.read_timeout_s, write=cfg.read_timeout_s,
+                                pool=None)
+        headers = {"User-Agent": cfg.user_agent, "Accept-Encoding": "gzip, deflate"}
+        transport = guarded_transport(AddressGuard(cfg.allow_private), httpx.Limits(max_connections=cfg.concurrency))
+        self.client = httpx.AsyncClient(timeout=timeout, headers=headers, follow_redirects=False, transport=transport)
+        return self
 
-    async def run(self, seeds: list[tuple[str, str, bool]], sitemaps: list[str]) -> None:
-        """Fetch ``(url, source, follow_links)`` seeds and the pages of ``sitemaps``, except what a
-        killed earlier attempt already wrote; the links of its pages are followed again."""
-        self.hosts = {urlsplit(self.canonical(u) or u).netloc for u, _, follow in seeds if follow}
-        self.seen |= self.done.urls
-        self.queued = len(self.done.urls)
-        timeout = httpx.Timeout(connect=self.cfg.connect_timeout_s, read=self.cfg.read_timeout_s,
-                                write=self.cfg.read_timeout_s, pool=None)
-        headers = {"User-Agent": self.cfg.user_agent, "Accept-Encoding": "gzip, deflate"}
-        transport = guarded_transport(self.guard, httpx.Limits(max_connections=self.cfg.concurrency))
-        async with httpx.AsyncClient(timeout=timeout, headers=headers, follow_redirects=False,
-                                     transport=transport) as self.client:
-            with tqdm(total=self.cfg.max_pages, desc="collect", unit="page") as self.bar:
-                self.bar.update(len(self.done.urls))
-                for url, source, follow in seeds:
-                    canonical = self.canonical(url)
-                    if canonical is None:
-                        self.writer.drop(drop_row(source, url, "not a valid URL"), "bad_url")
-                    else:
-                        self._enqueue(canonical, source, follow, 0, explicit=True)
-                for url, source, html, depth in self.done.crawled:
-                    self._follow_links(html, url, source, depth)
-                for sitemap in sitemaps:
-                    await self._sitemap(sitemap, f"sitemap:{sitemap}", level=0)
-                workers = [asyncio.create_task(self._worker()) for _ in range(self.cfg.concurrency)]
-                await self.queue.join()
-                for w in workers:
-                    w.cancel()
-                await asyncio.gather(*workers, return_exceptions=True)
+    async def __aexit__(self, *exc) -> None:
+        await self.client.aclose()
 
-    def _enqueue(self, url: str, source: str, follow: bool, depth: int, explicit: bool = False) -> None:
-        if url in self.seen:
-            return
-        refused = None if explicit else self.traps.refuse(url, depth)
-        if refused:   # recorded once, never fetched
-            self.seen.add(url)
-            self.writer.drop(drop_row(source, url, refused[1]), refused[0])
-        elif self.queued >= self.cfg.max_pages:
-            self.beyond_max_pages += 1
-        else:
-            self.seen.add(url)
-            self.queued += 1
-            self.queue.put_nowait((url, source, follow, depth))
-
-    def _follow_links(self, html: str, url: str, source: str, depth: int | None) -> None:
-        for link in same_site_links(html, url, self.hosts, self.strip):
-            self._enqueue(link, source, True, (depth or 0) + 1)
-
-    async def _sitemap(self, url: str, source: str, level: int) -> None:
-        try:
-            fetched = await self._fetch(url)
-            pages, children = readers.parse_sitemap(fetched.body)
-        except Refused as e:
-            if url not in self.done.urls:
-                self.writer.drop(drop_row(source, url, e.error, e.status, e.ctype), f"sitemap_{e.reason}")
-            return
-        except Exception as e:  # not XML, or not a sitemap
-            if url not in self.done.urls:
-                self.writer.drop(drop_row(source, url, repr(e)), "sitemap_invalid")
-            return
-        for page in pages:
-            canonical = self.canonical(page)
-            if canonical:
-                self._enqueue(canonical, source, False, 0, explicit=True)
-        for child in children[:1000] if level < 3 else []:
-            await self._sitemap(child, source, level + 1)
-
-    async def _worker(self) -> None:
-        while True:
-            url, source, follow, depth = await self.queue.get()
-            try:
-                await self._visit(url, source, follow, depth)
-            except Refused as e:
-                self.writer.drop(drop_row(source, url, e.error, e.status, e.ctype), e.reason)
-            except Exception as e:  # one bad page must never stop the crawl
-                log.exception("collect: unexpected error on %s", url)
-                self.writer.drop(drop_row(source, url, repr(e)), "fetch_error")
-            finally:
-                self.bar.update(1)
-                self.queue.task_done()
-
-    async def _visit(self, url: str, source: str, follow: bool, depth: int) -> None:
-        why = non_document(url)
-        if why:
-            raise Refused("not_document", why)
-        if not await self._allowed(url):
-            raise Refused("robots", "disallowed by robots.txt")
-        trap = depth and self.traps.failing(url)   # links queued before their form was seen to fail
-        if trap:
-            raise Refused(*trap)
-        f = await self._fetch(url)
-        if depth:
-            self.traps.fetched_as(url, f.status)
-        if f.status == 304 and url in self.previous.pages:  # unchanged since the last run: reuse its row
-            row = {**self.previous.pages[url], "depth": depth}
-            self.writer.keep(row)
-            self.not_modified += 1
-            if follow and row["content_type"] != "text/plain":
-                self._follow_links(row["html"], url, source, depth)
-            return
-        if f.status != 200:
-            reason = "http_5xx" if f.status >= 500 else "http_429" if f.status == 429 else f"http_{f.status}"
-            raise Refused(reason, f"HTTP {f.status}", f.status, f.ctype)
-        if f.ctype not in self.cfg.content_types:
-            raise Refused("not_html", f"content type {f.ctype!r}", f.status, f.ctype)
-        if not f.body.strip():
-            raise Refused("empty_body", "no content", f.status, f.ctype)
-        if looks_binary(f.body, f.charset):
-            raise Refused("not_html", "binary content", f.status, f.ctype)
-        try:
-            decoded = decode_page(f.body, f.charset)
-        except Undecodable as e:
-            raise Refused("decode_error", str(e), f.status, f.ctype) from None
-        final = self.canonical(f.url) or f.url
-        self.seen.add(final)   # reached through a redirect: not fetched again under its own URL
-        self.writer.keep(page_row(source, final, f.status, f.ctype, decoded.text, etag=f.etag,
-                                  last_modified=f.last_modified, depth=depth, decoded=decoded))
-        if follow and f.ctype != "text/plain":
-            self._follow_links(decoded.text, final, source, depth)
-
-    async def _allowed(self, url: str) -> bool:
+    async def allowed(self, url: str) -> bool:
         if not self.cfg.respect_robots:
             return True
         parts = urlsplit(url)
@@ -478,7 +363,7 @@ class Crawler:
 
     async def _robots(self, origin: str) -> urllib.robotparser.RobotFileParser | None:
         try:
-            f = await self._fetch(f"{origin}/robots.txt", retries=0)
+            f = await self.fetch(f"{origin}/robots.txt", retries=0)
         except Refused as e:
             log.info("collect: no robots.txt at %s (%s %s)", origin, e.reason, e.error)
             return None
@@ -504,7 +389,7 @@ class Crawler:
             self.gates[host] = HostGate(self.cfg.per_host_concurrency, 1.0 / self.cfg.per_host_rps)
         return self.gates[host]
 
-    async def _fetch(self, url: str, retries: int | None = None) -> Fetched:
+    async def fetch(self, url: str, retries: int | None = None) -> Fetched:
         """GET, asked again (exponential backoff, Retry-After honoured) only where that can help:
         connection errors, 429, 5xx and time limits that fired before any byte of the body."""
         retries = self.cfg.retries if retries is None else retries
@@ -540,7 +425,7 @@ class Crawler:
             f = await self._get(url)
             if f.status not in REDIRECTS or not f.location:
                 return f
-            url = self.canonical(urljoin(url, f.location))
+            url = canonical_or_none(urljoin(url, f.location), self.strip)
             if url is None:
                 raise Refused("bad_url", f"redirect to an invalid URL {f.location!r}"[:500], f.status)
             if url in chain:
@@ -556,7 +441,7 @@ class Crawler:
         async with self._gate(parts.netloc):   # the address guard checks every connection (GuardedBackend)
             try:
                 async with asyncio.timeout(cfg.timeout_s):
-                    async with self.client.stream("GET", url, headers=self.previous.conditional(url)) as r:
+                    async with self.client.stream("GET", url, headers=self.conditional(url)) as r:
                         ctype, charset = readers.media_type(r.headers.get("content-type"))
                         body = b"" if r.status_code in REDIRECTS else await self._read(r, got)
             except TimeoutError:
@@ -609,3 +494,137 @@ class Crawler:
             except zlib.error as e:
                 raise Refused("decode_error", f"bad {encoding} stream: {e}", r.status_code) from None
         return bytes(out)
+
+
+class Crawler:
+    """Fetches seeds, sitemaps and followed links into ``writer`` (a ``StageWriter`` with the rows
+    of ``tasks.pages``). ``previous``: the last finished collect (conditional requests); ``done``:
+    what a killed earlier attempt already wrote (``tasks.collect.Previous`` and ``Done``)."""
+
+    def __init__(self, cfg, writer, previous, done):
+        self.cfg, self.writer, self.previous, self.done = cfg, writer, previous, done
+        self.not_modified = 0
+        self.queued, self.beyond_max_pages = 0, 0   # URLs queued; links not followed past max_pages
+        self.traps = TrapGuard(cfg)
+        self.strip = tuple(cfg.strip_query_params)
+        self.seen: set[str] = set()      # URLs queued (or written by a killed attempt)
+        self.queue: asyncio.Queue[tuple[str, str, bool, int]] = asyncio.Queue()
+        self.hosts: set[str] = set()
+
+    def canonical(self, url: str) -> str | None:
+        return canonical_or_none(url, self.strip)
+
+    async def run(self, seeds: list[tuple[str, str, bool]], sitemaps: list[str]) -> None:
+        """Fetch ``(url, source, follow_links)`` seeds and the pages of ``sitemaps``, except what a
+        killed earlier attempt already wrote; the links of its pages are followed again."""
+        self.hosts = {urlsplit(self.canonical(u) or u).netloc for u, _, follow in seeds if follow}
+        self.seen |= self.done.urls
+        self.queued = len(self.done.urls)
+        async with Fetcher(self.cfg, self.previous.conditional) as self.http:
+            with tqdm(total=self.cfg.max_pages, desc="collect", unit="page") as self.bar:
+                self.bar.update(len(self.done.urls))
+                for url, source, follow in seeds:
+                    canonical = self.canonical(url)
+                    if canonical is None:
+                        self.writer.drop(drop_row(source, url, "not a valid URL"), "bad_url")
+                    else:
+                        self._enqueue(canonical, source, follow, 0, explicit=True)
+                for url, source, html, depth in self.done.crawled:
+                    self._follow_links(html, url, source, depth)
+                for sitemap in sitemaps:
+                    await self._sitemap(sitemap, f"sitemap:{sitemap}", level=0)
+                workers = [asyncio.create_task(self._worker()) for _ in range(self.cfg.concurrency)]
+                await self.queue.join()
+                for w in workers:
+                    w.cancel()
+                await asyncio.gather(*workers, return_exceptions=True)
+
+    def _enqueue(self, url: str, source: str, follow: bool, depth: int, explicit: bool = False) -> None:
+        if url in self.seen:
+            return
+        refused = None if explicit else self.traps.refuse(url, depth)
+        if refused:   # recorded once, never fetched
+            self.seen.add(url)
+            self.writer.drop(drop_row(source, url, refused[1]), refused[0])
+        elif self.queued >= self.cfg.max_pages:
+            self.beyond_max_pages += 1
+        else:
+            self.seen.add(url)
+            self.queued += 1
+            self.queue.put_nowait((url, source, follow, depth))
+
+    def _follow_links(self, html: str, url: str, source: str, depth: int | None) -> None:
+        for link in same_site_links(html, url, self.hosts, self.strip):
+            self._enqueue(link, source, True, (depth or 0) + 1)
+
+    async def _sitemap(self, url: str, source: str, level: int) -> None:
+        try:
+            fetched = await self.http.fetch(url)
+            pages, children = readers.parse_sitemap(fetched.body)
+        except Refused as e:
+            if url not in self.done.urls:
+                self.writer.drop(drop_row(source, url, e.error, e.status, e.ctype), f"sitemap_{e.reason}")
+            return
+        except Exception as e:  # not XML, or not a sitemap
+            if url not in self.done.urls:
+                self.writer.drop(drop_row(source, url, repr(e)), "sitemap_invalid")
+            return
+        for page in pages:
+            canonical = self.canonical(page)
+            if canonical:
+                self._enqueue(canonical, source, False, 0, explicit=True)
+        for child in children[:1000] if level < 3 else []:
+            await self._sitemap(child, source, level + 1)
+
+    async def _worker(self) -> None:
+        while True:
+            url, source, follow, depth = await self.queue.get()
+            try:
+                await self._visit(url, source, follow, depth)
+            except Refused as e:
+                self.writer.drop(drop_row(source, url, e.error, e.status, e.ctype), e.reason)
+            except Exception as e:  # one bad page must never stop the crawl
+                log.exception("collect: unexpected error on %s", url)
+                self.writer.drop(drop_row(source, url, repr(e)), "fetch_error")
+            finally:
+                self.bar.update(1)
+                self.queue.task_done()
+
+    async def _visit(self, url: str, source: str, follow: bool, depth: int) -> None:
+        why = non_document(url)
+        if why:
+            raise Refused("not_document", why)
+        if not await self.http.allowed(url):
+            raise Refused("robots", "disallowed by robots.txt")
+        trap = depth and self.traps.failing(url)   # links queued before their form was seen to fail
+        if trap:
+            raise Refused(*trap)
+        f = await self.http.fetch(url)
+        if depth:
+            self.traps.fetched_as(url, f.status)
+        if f.status == 304 and url in self.previous.pages:  # unchanged since the last run: reuse its row
+            row = {**self.previous.pages[url], "depth": depth}
+            self.writer.keep(row)
+            self.not_modified += 1
+            if follow and row["content_type"] != "text/plain":
+                self._follow_links(row["html"], url, source, depth)
+            return
+        if f.status != 200:
+            reason = "http_5xx" if f.status >= 500 else "http_429" if f.status == 429 else f"http_{f.status}"
+            raise Refused(reason, f"HTTP {f.status}", f.status, f.ctype)
+        if f.ctype not in self.cfg.content_types:
+            raise Refused("not_html", f"content type {f.ctype!r}", f.status, f.ctype)
+        if not f.body.strip():
+            raise Refused("empty_body", "no content", f.status, f.ctype)
+        if looks_binary(f.body, f.charset):
+            raise Refused("not_html", "binary content", f.status, f.ctype)
+        try:
+            decoded = decode_page(f.body, f.charset)
+        except Undecodable as e:
+            raise Refused("decode_error", str(e), f.status, f.ctype) from None
+        final = self.canonical(f.url) or f.url
+        self.seen.add(final)   # reached through a redirect: not fetched again under its own URL
+        self.writer.keep(page_row(source, final, f.status, f.ctype, decoded.text, etag=f.etag,
+                                  last_modified=f.last_modified, depth=depth, decoded=decoded))
+        if follow and f.ctype != "text/plain":
+            self._follow_links(decoded.text, final, source, depth)

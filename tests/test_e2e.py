@@ -142,6 +142,7 @@ def test_pipeline_end_to_end_is_tracked_and_the_registered_model_scores(tmp_path
         assert runs[stage].data.metrics["docs_in"] == runs[prev].data.metrics["docs_out"]
     m = runs["collect"].data.metrics
     assert m["docs_out"] == len(TEST_MODULES) + 1 and m["dropped.http_404"] > 0 and m["bytes_out"] > 0
+    assert m["links_beyond_max_pages"] == 0 and "dropped.crawl_trap" not in m   # the whole site, no trap
     f = runs["filter"].data.metrics
     assert f["docs_out"] + sum(v for k, v in f.items() if k.startswith("dropped.")) == f["docs_in"]
     assert "seconds" in f

@@ -107,6 +107,23 @@ def test_wet_conversion_records_are_plain_text(tmp_path, stages_text):
     assert {r["content_type"] for r in rows} == {"text/plain"}
 
 
+def test_empty_bodies_are_dropped_at_collect_from_every_source(tmp_path, site_dir, stages_text):
+    with open(tmp_path / "crawl.warc.wet.gz", "wb") as f:
+        w = WARCWriter(f, gzip=True)
+        for url, text in [*stages_text[:2], ("https://docs.example/blank.html", "")]:
+            w.write_record(w.create_warc_record(url, "conversion", payload=io.BytesIO(text.encode()),
+                                                warc_content_type="text/plain"))
+    (tmp_path / "pages").mkdir()
+    shutil.copy(site_dir / "json.html", tmp_path / "pages")
+    (tmp_path / "pages" / "empty.html").write_bytes(b"")
+    (tmp_path / "pages" / "blank.txt").write_bytes(b"\r\n  \n")
+    m = collect(CollectConfig(warc_files=[str(tmp_path / "crawl.warc.wet.gz")], paths=[str(tmp_path / "pages")]),
+                tmp_path / "c")
+    assert m["rows"] == 3 and m["reasons"] == {"empty_body": 3}
+    dropped = sorted(r["url"].rsplit("/", 1)[1] for r in read_table(m, dropped=True).to_pylist())
+    assert dropped == ["blank.html", "blank.txt", "empty.html"]
+
+
 @pytest.fixture(scope="module")
 def stages_text(site_dir) -> list[tuple[str, str]]:
     """(url, main text) of real pages, as a dataset export would hold them."""
