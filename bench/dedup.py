@@ -1,13 +1,18 @@
-"""Benchmark: MinHash signature speed, near-duplicate precision/recall, dedup memory per million docs.
+"""Benchmark: MinHash signature speed, stage speed, near-duplicate precision/recall, dedup memory.
 
     python bench/dedup.py [--out bench/results/dedup.json] [--rounds 5] [--docs 200000]
+                          [--speed-docs 20000] [--baseline REF]
 
-On the rendered pydoc site (real text), in one run:
+On real text (the rendered pydoc site, the Python documentation as HTML), in one run:
   signatures   docs/s of our bulk signatures against a plain per-document datasketch loop,
                ``MinHash(num_perm=112).update_batch(shingles)``, and against ``MinHash.bulk``,
                same docs, same num_perm, one process; interleaved rounds, median of ratios
-  quality      precision and recall of the dedup stage at its defaults on pairs of known
-               Jaccard (bench/neardup.py): pairs >= 0.8 against pairs < 0.5
+  stage        docs/s of the whole dedup stage at its defaults against the stage as it was at
+               git ``--baseline`` (its source run side by side), on the near-duplicate benchmark's
+               documents plus ``--speed-docs`` distinct ones; interleaved rounds, medians
+  quality      the near-duplicate benchmark (bench/neardup.py: pairs of known Jaccard and hard
+               negatives) at the defaults: precision and recall, pairs >= 0.8 against < 0.5,
+               template pages merged, content lost
   memory       peak RSS the dedup stage adds on corpora of N/4 and N distinct documents, the
                slope per million documents, and, for comparison, what datasketch's in-memory
                MinHashLSH adds holding the same N/4 documents
@@ -17,6 +22,7 @@ Prints JSON and writes it to --out.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -25,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +48,7 @@ from tasks import pydoc_site  # noqa: E402
 from tasks.collect import collect  # noqa: E402
 from tasks.dedup import dedup, normalize, shingles, signatures  # noqa: E402
 from tasks.extract import DOC_SCHEMA, extract  # noqa: E402
-from tasks.shards import StageWriter, iter_rows, read_table  # noqa: E402
+from tasks.shards import StageWriter, iter_rows  # noqa: E402
 
 
 def site_texts(work: Path) -> list[str]:
@@ -84,17 +89,39 @@ def bench_signatures(texts: list[str], rounds: int) -> dict:
             "seconds_by_round": {k: [round(x, 3) for x in v] for k, v in times.items()}}
 
 
-def bench_quality(texts: list[str], work: Path) -> dict:
-    pairs = neardup.pairs(texts, seed=0)
-    docs = [t for p in pairs for t in (p["a"], p["b"])]
-    m = dedup(DedupConfig(), doc_table(docs, work / "pairs"), work / "pairs-dedup")
-    cluster = {r["doc_id"]: r["cluster_id"] for r in read_table(m, columns=["doc_id", "cluster_id"]).to_pylist()}
-    cluster.update({r["doc_id"]: r["cluster_id"] for r in read_table(m, dropped=True).to_pylist()})
-    found = [cluster[f"d{2 * i:09d}"] == cluster[f"d{2 * i + 1:09d}"] for i in range(len(pairs))]
-    out = neardup.score([(p["jaccard"], f) for p, f in zip(pairs, found)])
-    out["by_kind"] = {k: neardup.score([(p["jaccard"], f) for p, f in zip(pairs, found) if p["kind"] == k])
-                      for k in neardup.KINDS}
-    out["jaccard_histogram"] = dict(sorted(Counter(f"{int(p['jaccard'] * 10) / 10:.1f}" for p in pairs).items()))
+def load_baseline(ref: str, folder: Path):
+    """The dedup stage as it was at git ``ref``, as module ``dedup_baseline``. Load it before
+    any stage starts its worker processes: their server takes this process's import path then."""
+    folder.mkdir(parents=True, exist_ok=True)
+    src = subprocess.run(["git", "show", f"{ref}:tasks/dedup.py"], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    (folder / "dedup_baseline.py").write_text(src)
+    sys.path.insert(0, str(folder))
+    return importlib.import_module("dedup_baseline")
+
+
+def bench_stage(docs: list[str], baseline, rounds: int, work: Path) -> dict:
+    """docs/s of the dedup stage, ours and the baseline's, at the defaults, interleaved rounds."""
+    manifest = doc_table(docs, work / "speed-docs")
+    runs = {"ours": dedup, "baseline": baseline.dedup}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for i in range(rounds + 1):             # round 0 warms both up (worker server, caches): not counted
+        for name in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
+            t0 = time.perf_counter()
+            runs[name](DedupConfig(), manifest, work / f"speed-{name}-{i}")
+            if i:
+                times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"docs": len(docs), "rounds": rounds, **{f"{k}_docs_per_s": round(len(docs) / v, 1) for k, v in med.items()},
+            "ratio_vs_baseline": round(med["baseline"] / med["ours"], 3),
+            "seconds_by_round": {k: [round(x, 3) for x in v] for k, v in times.items()}}
+
+
+def bench_quality(c: dict, work: Path) -> dict:
+    cluster, kept, m = neardup.stage_outcome(dedup, DedupConfig(), c["docs"], work / "quality")
+    out = neardup.evaluate(c, cluster, kept)
+    out["verification"] = {k: m.get(k) for k in ("candidate_pairs", "similar_pairs", "exact_checks")}
+    out["floors_met"] = neardup.floors_met(out)
     return out
 
 
@@ -180,17 +207,26 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/dedup.json")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--docs", type=int, default=200_000, help="largest corpus of the memory measure")
+    ap.add_argument("--speed-docs", type=int, default=20_000, help="distinct documents added to the stage speed corpus")
+    ap.add_argument("--baseline", default=neardup.BASELINE_REF, help="git ref of the dedup stage to compare speed with")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-dedup-"))
+    baseline = load_baseline(args.baseline, work / "baseline")
     texts = site_texts(work)
+    pages = neardup.sphinx_pages()
     res = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                        "datasketch": datasketch.__version__, "pyarrow": pa.__version__},
-           "pages": len(texts)}
+           "pages": len(texts), "python_docs_pages": len(pages)}
     wins = [" ".join(w) for w in neardup.windows(texts)]
     res["signatures"] = bench_signatures(wins, args.rounds)
     print(json.dumps(res["signatures"], indent=2), flush=True)
-    res["quality"] = bench_quality(texts, work)
-    print(json.dumps(res["quality"], indent=2), flush=True)
+    c = neardup.corpus(texts, pages)
+    res["stage"] = bench_stage(c["docs"] + synthetic(texts, args.speed_docs, seed=1), baseline,
+                               max(args.rounds - 2, 1), work)
+    res["stage"]["baseline_ref"] = args.baseline
+    print(json.dumps(res["stage"], indent=2), flush=True)
+    res["quality"] = bench_quality(c, work)
+    print(json.dumps({k: v for k, v in res["quality"].items() if k != "by_kind"}, indent=2), flush=True)
     res["memory"] = bench_memory(texts, args.docs, work)
     print(json.dumps(res["memory"], indent=2), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

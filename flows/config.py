@@ -193,29 +193,50 @@ class FilterConfig(Section):
 
 
 class DedupConfig(Section):
-    exact: bool = Field(True, description="Drop documents whose normalized text hash was seen before.")
-    near: bool = Field(True, description="Drop near-duplicates found by MinHash LSH.")
+    exact: bool = Field(True, description="Drop documents whose normalized text equals another's (exact_duplicate).")
+    near: bool = Field(True, description="Drop near duplicates: MinHash LSH candidates whose Jaccard reaches threshold.")
     ngram: int = Field(5, ge=1, description="Shingles are word n-grams of this size.")
     num_perm: int = Field(112, ge=8, description="MinHash permutations; must equal bands * rows when both are set.")
-    bands: int | None = Field(14, ge=1, description="LSH bands (null: derive from threshold).")
-    rows: int | None = Field(8, ge=1, description="LSH rows per band (null: derive from threshold).")
-    threshold: float | None = Field(None, gt=0, lt=1,
-                                    description="Jaccard threshold; used to pick bands x rows when those are null.")
+    bands: int | None = Field(14, ge=1, description="LSH bands (null, with rows: derive both from threshold).")
+    rows: int | None = Field(8, ge=1, description="LSH rows per band (null, with bands: derive both from threshold).")
+    threshold: float = Field(0.8, gt=0, le=1,
+                             description="Jaccard similarity of word n-gram sets that makes two documents near "
+                                         "duplicates: every LSH candidate pair is verified against it.")
     seed: int = Field(1, description="MinHash seed: signatures are comparable only with the same seed.")
     survivor: Literal["longest", "oldest", "first"] = Field(
-        "longest", description="Kept document of a cluster: longest text, earliest fetched_at, or smallest "
+        "longest", description="Kept document, picked first: longest text, earliest fetched_at, or smallest "
                                "doc_id (ties always by smallest doc_id).")
     processes: int | None = Field(None, ge=1, description="Worker processes computing signatures, one input "
                                                           "shard each (null: one per CPU core).")
 
+    def catch_probability(self, jaccard: float, bands: int | None = None, rows: int | None = None) -> float:
+        """Probability that a pair of this Jaccard shares at least one LSH band (becomes a candidate)."""
+        b, r = (bands, rows) if bands is not None else self.lsh()
+        return 1 - (1 - jaccard ** r) ** b
+
+    def lsh(self, recall: float = 0.9) -> tuple[int, int]:
+        """(bands, rows): as set, or derived from the threshold: the most rows per band (fewest
+        candidates to verify) whose bands = num_perm // rows still catch pairs at the threshold
+        with probability ``recall`` (14 x 8 for 112 permutations at 0.8)."""
+        if self.bands is not None:
+            return self.bands, self.rows
+        for r in range(self.num_perm, 0, -1):
+            if self.catch_probability(self.threshold, self.num_perm // r, r) >= recall:
+                return self.num_perm // r, r
+        return self.num_perm, 1
+
     @model_validator(mode="after")
     def _lsh_params(self) -> "DedupConfig":
         if (self.bands is None) != (self.rows is None):
-            raise ValueError("set both bands and rows, or neither (then threshold is used)")
+            raise ValueError("set both bands and rows, or neither (then they are derived from threshold)")
         if self.bands is not None and self.bands * self.rows != self.num_perm:
             raise ValueError(f"bands * rows = {self.bands * self.rows} must equal num_perm = {self.num_perm}")
-        if self.bands is None and self.threshold is None:
-            raise ValueError("give bands and rows, or a threshold")
+        if self.near and self.bands is not None:
+            p = self.catch_probability(self.threshold)
+            if p < 0.5:   # most pairs at the threshold would never be compared
+                raise ValueError(f"{self.bands} bands x {self.rows} rows find pairs at the threshold "
+                                 f"{self.threshold} with probability {p:.2f}: set bands and rows to null to "
+                                 "derive them from the threshold, or give ones that find them")
         return self
 
 

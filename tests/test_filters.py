@@ -1,10 +1,12 @@
-"""FineWeb's filters and the dedup stage on real text: extracted pydoc pages, and justext's stop
-lists (real words of 100 languages, shipped inside a package) for language identification."""
+"""FineWeb's filters and the dedup stage on real text: extracted pydoc pages, the Python
+documentation (pages and reStructuredText sources, python3-doc), and justext's stop lists (real
+words of 100 languages, shipped inside a package) for language identification."""
 
 from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from pathlib import Path
 
 import justext
@@ -15,6 +17,7 @@ from datasketch import MinHash
 
 from flows.config import DedupConfig, FilterConfig
 from tasks.dedup import dedup, normalize, shingle_hash, shingles, signatures
+from tasks.extract import extract_page
 from tasks.filter import Doc, build_filters, filter_docs, judge, mask_pii
 from tasks.shards import StageWriter, iter_rows, read_table
 from tests.conftest import ROOT
@@ -150,6 +153,109 @@ def test_default_filters_run_in_fineweb_order_with_every_score_column(tmp_path, 
             assert not any(r.fails(scores) for r in f.rules), (row["reason"], f.name)
 
 
+# --- the scores as datatrove computes them -----------------------------------------------------
+# datatrove counts words with spaCy's blank English tokenizer (spaCy, a test dependency, is the
+# reference here) and its rules read them as below. The Python documentation is full of what
+# split words differently before (dotted names, "e.g.", contractions) and its reStructuredText
+# sources of blank lines.
+
+PYTHON_DOCS = next(Path("/usr/share/doc").glob("python3*/html"))
+EXTRACT = {"favor_precision": False, "favor_recall": False, "include_tables": True, "include_comments": False,
+           "with_metadata": False}
+
+
+@pytest.fixture(scope="module")
+def python_docs() -> list[str]:
+    """The main text of every 10th page of the Python documentation, and every 5th of its sources."""
+    texts = []
+    for page in sorted(PYTHON_DOCS.glob("**/*.html"))[::10]:
+        doc = extract_page(page.read_text(encoding="utf-8", errors="replace"), f"https://docs.python.org/{page}",
+                           EXTRACT)
+        texts += [doc["text"]] if doc else []
+    texts += [p.read_text(encoding="utf-8") for p in sorted((PYTHON_DOCS / "_sources").glob("**/*.txt"))[::5]]
+    assert len(texts) > 100
+    return texts
+
+
+@pytest.fixture(scope="module")
+def spacy_en():
+    import spacy
+    nlp = spacy.blank("en")
+    nlp.add_pipe("sentencizer")
+    return nlp
+
+
+def spacy_words(nlp, text: str) -> list[str]:
+    return [t.text.strip() for t in nlp(text) if t.text.strip()]   # datatrove strips and drops blanks
+
+
+def all_duplicate_chars(words: list[str], n: int, sep: str) -> int:
+    """datatrove's duplicated n-gram characters: a repeat counts and skips its n-1 overlaps."""
+    seen, i, chars = set(), 0, 0
+    while i < len(words) - n + 1:
+        gram = sep.join(words[i:i + n])
+        if gram in seen:
+            chars, i = chars + len(gram), i + n
+        else:
+            seen.add(gram)
+            i += 1
+    return chars
+
+
+def test_words_are_split_as_datatrove_splits_english(python_docs, spacy_en):
+    rules = build_filters(only(gopher_quality={}))
+    split_whole = set()
+    for text in python_docs:
+        words = spacy_words(spacy_en, text)
+        assert Doc(text, None).words == words
+        scores, _ = judge(Doc(text, None), rules)
+        assert scores["gopher_quality.alpha_words_ratio"] == sum(any(c.isalpha() for c in w) for w in words) / len(words)
+        split_whole |= {w for w in words if w in ("e.g.", "i.e.", "email.errors", "os.path", "don't")}
+    # dotted names and abbreviations are one word each ("email.errors" was three, "e.g." four)
+    assert {"e.g.", "i.e.", "os.path"} <= split_whole
+
+
+def test_duplicated_ngrams_are_joined_without_spaces(python_docs, spacy_en):
+    rules = build_filters(only(gopher_repetition={}))
+    spaced_differs = 0
+    for text in python_docs:
+        words = spacy_words(spacy_en, text)
+        scores, _ = judge(Doc(text, None), rules)
+        for n in range(5, 11):
+            chars = all_duplicate_chars(words, n, "")
+            assert scores[f"gopher_repetition.dup_{n}_gram_char_frac"] == chars / len(text), n
+            spaced_differs += chars != all_duplicate_chars(words, n, " ")
+        for n in (2, 3, 4):   # the most frequent n-gram is joined with spaces, the first seen among equals
+            grams = [" ".join(words[i:i + n]) for i in range(len(words) - n + 1)]
+            gram, count = Counter(grams).most_common(1)[0]
+            assert scores[f"gopher_repetition.top_{n}_gram_char_frac"] == len(gram) * count / len(text), n
+    assert spaced_differs > 100   # the real text repeats n-grams: joined with spaces the scores read higher
+
+
+def test_blank_lines_are_no_lines(python_docs):
+    rules = build_filters(only(gopher_repetition={}))
+    blank_runs = 0
+    for text in python_docs:
+        lines, paragraphs = re.split(r"\n+", text), re.split(r"\n{2,}", text.strip())
+        scores, _ = judge(Doc(text, None), rules)
+        for name, items in (("line", lines), ("para", paragraphs)):
+            dups = [x for i, x in enumerate(items) if x in items[:i]]
+            assert scores[f"gopher_repetition.dup_{name}_frac"] == len(dups) / len(items)
+            assert scores[f"gopher_repetition.dup_{name}_char_frac"] == sum(map(len, dups)) / len(text)
+        blank_runs += text.count("\n\n\n")
+    assert blank_runs > 100   # the sources have runs of blank lines (splitlines() counted them as lines)
+
+
+def test_sentences_are_counted_as_datatrove_counts_them_for_c4(python_docs, spacy_en):
+    from tasks.filter import count_sentences
+    counted = 0
+    for text in python_docs[::3]:
+        for line in filter(None, map(str.strip, text.splitlines())):
+            assert count_sentences(line) == len([s for s in spacy_en(line).sents if s.text.strip()]), line
+            counted += 1
+    assert counted > 5000
+
+
 def test_signatures_equal_datasketch_with_the_same_hash(pages):
     texts = [normalize(p["text"]) for p in pages[:20]] + ["", "one two"]
     ours = signatures(texts, 5, 112, 1)
@@ -180,8 +286,9 @@ def test_dedup_over_many_shards_in_parallel_gives_the_same_clusters(tmp_path, st
 def test_dedup_survivor_rules(tmp_path, stages):
     rows = list(iter_rows(stages["filter"]))
     base = max(rows, key=lambda r: len(r["text"]))
+    # every 80th word deleted: Jaccard ~0.89 (every 40th gave ~0.79, below dedup.threshold 0.8)
     old = {**base, "doc_id": "zz-old", "fetched_at": base["fetched_at"].replace(year=2001),
-           "text": " ".join(w for i, w in enumerate(base["text"].split()) if i % 40)}
+           "text": " ".join(w for i, w in enumerate(base["text"].split()) if i % 80)}
     schema = pq.read_schema(Path(stages["filter"]["dir"]) / "part-00000.parquet")
     with StageWriter("filter", tmp_path / "f", schema) as w:
         for r in rows + [old]:

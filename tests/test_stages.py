@@ -178,6 +178,7 @@ def test_dedup_exact_and_near_duplicates_name_their_survivor(tmp_path, stages):
     assert dropped["zz-exact"]["duplicate_of"] == base["doc_id"]
     assert dropped["zz-near"]["reason"] == "near_duplicate"
     assert dropped["zz-near"]["duplicate_of"] == base["doc_id"]  # survivor: the longest, ties by doc_id
+    assert dropped["zz-exact"]["jaccard"] == 1.0 and dropped["zz-near"]["jaccard"] >= DedupConfig().threshold
     kept = {r["doc_id"]: r for r in read_table(m).to_pylist()}
     assert kept[base["doc_id"]]["cluster_size"] >= 3
     assert m["rows"] + m["dropped"] == len(src) + 2
