@@ -168,10 +168,13 @@ def read_files(files: list[tuple[str, Callable, tuple]], w: StageWriter, done: D
 
 
 def collect(cfg: CollectConfig, stage_dir: str | Path, start_urls: list[str] | None = None,
-            previous: dict | None = None, runner: dict | None = None) -> dict:
+            previous: dict | None = None, runner: dict | None = None,
+            local_sites: dict[str, str] | None = None) -> dict:
     """Run the collect stage into ``stage_dir``; returns its manifest.
 
-    ``start_urls`` overrides ``cfg.start_urls`` (the flow passes the embedded site's URL).
+    ``start_urls`` overrides ``cfg.start_urls`` (``collect_pydoc_site`` passes the embedded site's).
+    ``local_sites``: ``{origin: served URL}`` of sites this process serves on loopback, crawled and
+    recorded under their fixed origin (``tasks.crawler.local_routes``).
     ``previous`` is the manifest of the last collect over the same sources: what has not
     changed since is carried over instead of fetched again. ``runner``: where WARC/WET and table
     files are read (``read_files``); a crawl stays in this process, where per-host politeness is kept.
@@ -208,7 +211,7 @@ def collect(cfg: CollectConfig, stage_dir: str | Path, start_urls: list[str] | N
             summaries[path] = prev.summaries.get(path)
             reused += len(same[0]) + len(same[1])
         spread = read_files(changed, w, done, runner, summaries)
-        crawler = Crawler(cfg, w, prev, done)
+        crawler = Crawler(cfg, w, prev, done, local_sites)
         if seeds or cfg.sitemaps:
             asyncio.run(crawler.run(seeds, cfg.sitemaps))
         w.extra = {"seconds": round(time.time() - t0, 3), "signatures": signatures,
@@ -217,6 +220,16 @@ def collect(cfg: CollectConfig, stage_dir: str | Path, start_urls: list[str] | N
                    "sources": urls + cfg.url_lists + cfg.sitemaps + cfg.warc_files + [t.path for t in cfg.tables]
                    + [str(Path(p).resolve()) for p in cfg.paths], **spread}
     return w.manifest
+
+
+def collect_pydoc_site(cfg: CollectConfig, stage_dir: str | Path, served_url: str) -> dict:
+    """Crawl the embedded pydoc site, served at ``served_url`` (``pydoc_site.serve``), into
+    ``stage_dir``. Its pages are recorded under ``pydoc_site.ORIGIN`` whatever port it is served on
+    this time: URLs, sources and doc ids are the same in every run, so a killed crawl resumed with
+    the site on another port fetches nothing it wrote, and the same pages give the same digests
+    at every later stage. Only this site is reached on loopback: ``allow_private`` is left as it is."""
+    log.info("collect: the embedded site %s, served at %s", pydoc_site.ORIGIN, served_url)
+    return collect(cfg, stage_dir, start_urls=[pydoc_site.ORIGIN], local_sites={pydoc_site.ORIGIN: served_url})
 
 
 def collect_metrics(manifest: dict) -> dict[str, float]:
@@ -249,7 +262,8 @@ def sources_fingerprint(ctx: dict, section: dict) -> str:
 
 @stage_task("collect", sources=sources_fingerprint)
 def collect_task(ctx: dict, section: dict, inputs: list[dict], run_id: str) -> dict | tuple[dict, dict]:
-    """Collect the configured sources; with none, crawl the embedded pydoc site on 127.0.0.1."""
+    """Collect the configured sources; with none, crawl the embedded pydoc site, served on
+    127.0.0.1 and recorded under http://pydoc.localhost/."""
     cfg = CollectConfig.model_validate(section)
     out = stage_dir(ctx, "collect")
     if cfg.has_sources():
@@ -264,8 +278,7 @@ def collect_task(ctx: dict, section: dict, inputs: list[dict], run_id: str) -> d
     modules = tuple(cfg.pydoc_modules) if cfg.pydoc_modules is not None else pydoc_site.DEFAULT_MODULES
     key = hashlib.sha256("\n".join(modules).encode()).hexdigest()[:12]
     with pydoc_site.render_and_serve(Path(ctx["data_dir"]) / "pydoc-site" / key, modules) as url:
-        # our own static site on loopback: allowlisted, and no need to spare it
-        site = cfg.model_copy(update={"allow_private": cfg.allow_private + ["127.0.0.1/32"],
-                                      "per_host_rps": max(cfg.per_host_rps, 1000.0)})
-        manifest = collect(site, out, start_urls=[url])
+        # our own static site: no need to spare it
+        site = cfg.model_copy(update={"per_host_rps": max(cfg.per_host_rps, 1000.0)})
+        manifest = collect_pydoc_site(site, out, url)
         return manifest, collect_metrics(manifest)

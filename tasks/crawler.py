@@ -17,6 +17,12 @@
 - **Size-bounded**: ``max_bytes`` on the wire and after gzip/deflate decompression.
 - **Safe**: no private, loopback, link-local or reserved address unless allowlisted, checked where
   each connection is opened (``GuardedBackend``), so redirects and DNS rebinding cannot get past it.
+- **Local sites under a name of their own** (``local_routes``): a site this process serves itself on
+  a loopback port (the embedded pydoc site) is crawled under a fixed origin such as
+  ``http://pydoc.localhost/`` and its connections are opened to the port it is served on, as curl's
+  ``--connect-to`` does; its URLs, and the doc ids made from them, do not depend on that port. Only
+  ``*.localhost`` names (RFC 6761: never a host on the network) map, each to one loopback address
+  and port; every other host passes the address guard as before.
 """
 
 from __future__ import annotations
@@ -253,17 +259,51 @@ class AddressGuard:
         return infos[0][4][0]
 
 
+Route = tuple[str, int]   # (host, port)
+
+
+def local_routes(sites: dict[str, str] | None) -> dict[Route, Route]:
+    """``{origin: served URL}`` of sites this process serves itself, as ``{(host, port): (address,
+    port)}`` for ``GuardedBackend``: e.g. ``{"http://pydoc.localhost/": "http://127.0.0.1:41469/"}``
+    sends the connections for ``pydoc.localhost:80`` to ``127.0.0.1:41469``. The origin must be an
+    http URL on ``localhost`` or a ``*.localhost`` name (reserved for loopback, never an Internet
+    host, so no real site can be redirected), with no path; the served URL an http URL on a loopback
+    address literal with its port. Anything else raises ValueError."""
+    routes = {}
+    for origin, served in (sites or {}).items():
+        o, s = urlsplit(origin), urlsplit(served)
+        host = (o.hostname or "").lower().rstrip(".")
+        if o.scheme != "http" or not (host == "localhost" or host.endswith(".localhost")) \
+                or o.path not in ("", "/") or o.query or o.username or o.password:
+            raise ValueError(f"a local site's origin must be http://NAME.localhost/, not {origin!r}")
+        try:
+            address = ipaddress.ip_address(s.hostname or "")
+        except ValueError:
+            address = None
+        if s.scheme != "http" or address is None or not address.is_loopback or s.port is None:
+            raise ValueError(f"a local site must be served at http://LOOPBACK-ADDRESS:PORT/, not {served!r}")
+        routes[(host, o.port or 80)] = (str(address), s.port)
+    return routes
+
+
 class GuardedBackend(httpcore.AsyncNetworkBackend):
     """httpcore's sockets, opened only to addresses the guard allows. The name is resolved and
     checked here, when the connection is made, and the socket goes to the very address that was
     checked: a DNS answer that changes after the check (rebinding) cannot lead elsewhere. TLS
-    still verifies the certificate against the host name (httpcore passes it as server_hostname)."""
+    still verifies the certificate against the host name (httpcore passes it as server_hostname).
 
-    def __init__(self, guard: AddressGuard):
-        self.guard, self.inner = guard, httpcore.AnyIOBackend()
+    ``routes`` (``local_routes``): the sites served by this process on loopback, each reached at the
+    one address and port it is served on, whatever ``allow_private`` says; no other host maps."""
+
+    def __init__(self, guard: AddressGuard, routes: dict[Route, Route] | None = None):
+        self.guard, self.inner, self.routes = guard, httpcore.AnyIOBackend(), dict(routes or {})
 
     async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
                           local_address: str | None = None, socket_options=None) -> httpcore.AsyncNetworkStream:
+        route = self.routes.get((host.lower().rstrip("."), port))
+        if route is not None:
+            return await self.inner.connect_tcp(*route, timeout=timeout, local_address=local_address,
+                                                socket_options=socket_options)
         address = await self.guard.resolve(host)
         return await self.inner.connect_tcp(address, port, timeout=timeout, local_address=local_address,
                                             socket_options=socket_options)
@@ -275,7 +315,8 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         await self.inner.sleep(seconds)
 
 
-def guarded_transport(guard: AddressGuard, limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
+def guarded_transport(guard: AddressGuard, limits: httpx.Limits,
+                      routes: dict[Route, Route] | None = None) -> httpx.AsyncHTTPTransport:
     """httpx's transport whose connection pool connects through ``GuardedBackend`` (httpx has no
     argument for httpcore's network backend, so its pool is built again with one)."""
     transport = httpx.AsyncHTTPTransport(limits=limits)
@@ -283,7 +324,7 @@ def guarded_transport(guard: AddressGuard, limits: httpx.Limits) -> httpx.AsyncH
     transport._pool = httpcore.AsyncConnectionPool(
         ssl_context=pool._ssl_context, max_connections=limits.max_connections,
         max_keepalive_connections=limits.max_keepalive_connections, keepalive_expiry=limits.keepalive_expiry,
-        network_backend=GuardedBackend(guard))
+        network_backend=GuardedBackend(guard, routes))
     return transport
 
 
@@ -332,10 +373,13 @@ def _retry_after(value: str | None) -> float | None:
 class Fetcher:
     """HTTP for the crawler: every connection through the address guard, polite per host (robots.txt,
     concurrency, rate), bounded in time and size, and asked again only where that can help.
-    ``conditional(url)``: the headers of a conditional request for a page already held."""
+    ``conditional(url)``: the headers of a conditional request for a page already held;
+    ``local_sites``: sites served by this process, by the origin they are crawled under
+    (``local_routes``)."""
 
-    def __init__(self, cfg, conditional: Callable[[str], dict[str, str]]):
+    def __init__(self, cfg, conditional: Callable[[str], dict[str, str]], local_sites: dict[str, str] | None = None):
         self.cfg, self.conditional, self.strip = cfg, conditional, tuple(cfg.strip_query_params)
+        self.routes = local_routes(local_sites)
         self.robots: dict[str, asyncio.Future] = {}
         self.gates: dict[str, HostGate] = {}
 
@@ -344,7 +388,8 @@ class Fetcher:
         timeout = httpx.Timeout(connect=cfg.connect_timeout_s, read=cfg.read_timeout_s, write=cfg.read_timeout_s,
                                 pool=None)
         headers = {"User-Agent": cfg.user_agent, "Accept-Encoding": "gzip, deflate"}
-        transport = guarded_transport(AddressGuard(cfg.allow_private), httpx.Limits(max_connections=cfg.concurrency))
+        transport = guarded_transport(AddressGuard(cfg.allow_private), httpx.Limits(max_connections=cfg.concurrency),
+                                      self.routes)
         self.client = httpx.AsyncClient(timeout=timeout, headers=headers, follow_redirects=False, transport=transport)
         return self
 
@@ -499,10 +544,14 @@ class Fetcher:
 class Crawler:
     """Fetches seeds, sitemaps and followed links into ``writer`` (a ``StageWriter`` with the rows
     of ``tasks.pages``). ``previous``: the last finished collect (conditional requests); ``done``:
-    what a killed earlier attempt already wrote (``tasks.collect.Previous`` and ``Done``)."""
+    what a killed earlier attempt already wrote (``tasks.collect.Previous`` and ``Done``);
+    ``local_sites``: ``{origin: served URL}`` of sites served by this process, crawled and recorded
+    under their origin (``local_routes``)."""
 
-    def __init__(self, cfg, writer, previous, done):
+    def __init__(self, cfg, writer, previous, done, local_sites: dict[str, str] | None = None):
         self.cfg, self.writer, self.previous, self.done = cfg, writer, previous, done
+        self.local_sites = local_sites
+        local_routes(local_sites)   # a mapping that is not allowed fails here, before any request
         self.not_modified = 0
         self.queued, self.beyond_max_pages = 0, 0   # URLs queued; links not followed past max_pages
         self.traps = TrapGuard(cfg)
@@ -520,7 +569,7 @@ class Crawler:
         self.hosts = {urlsplit(self.canonical(u) or u).netloc for u, _, follow in seeds if follow}
         self.seen |= self.done.urls
         self.queued = len(self.done.urls)
-        async with Fetcher(self.cfg, self.previous.conditional) as self.http:
+        async with Fetcher(self.cfg, self.previous.conditional, self.local_sites) as self.http:
             with tqdm(total=self.cfg.max_pages, desc="collect", unit="page") as self.bar:
                 self.bar.update(len(self.done.urls))
                 for url, source, follow in seeds:

@@ -25,6 +25,10 @@ from typing import Iterator, Sequence
 
 log = logging.getLogger(__name__)
 
+# Where the site's pages are recorded, whatever port it is served on (``tasks.collect.collect_pydoc_site``):
+# a name under .localhost (RFC 6761) never names a host on the network.
+ORIGIN = "http://pydoc.localhost/"
+
 # Pure-stdlib modules of CPython 3.11 on Linux that import silently from an empty
 # directory under ``python -I -W error`` (no output, warnings, threads or files).
 DEFAULT_MODULES: tuple[str, ...] = tuple("""
@@ -211,7 +215,8 @@ class _QuietServer(http.server.ThreadingHTTPServer):
 @contextlib.contextmanager
 def serve(directory: str | os.PathLike) -> Iterator[str]:
     """Serve `directory` over HTTP on 127.0.0.1 with an OS-chosen free port in a daemon
-    thread. Yields the base URL 'http://127.0.0.1:PORT/'. Shuts the server down on exit."""
+    thread. Yields the base URL 'http://127.0.0.1:PORT/'. Shuts the server down on exit.
+    (The collect stage crawls it under ``ORIGIN``, which does not hold the port.)"""
     handler = functools.partial(_QuietHandler, directory=os.fspath(directory))
     server = _QuietServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, name="pydoc-site", daemon=True)

@@ -106,3 +106,36 @@ def test_the_guard_checks_the_address_every_connection_goes_to(site_url):
             asyncio.run(get(site_url.replace("127.0.0.1", host) + "json.html", []))
         assert e.value.reason == "blocked_address"
     assert asyncio.run(get(site_url + "json.html", ["127.0.0.1/32"])) == 200
+
+
+def test_only_the_embedded_site_name_leads_to_its_loopback_port(site_url):
+    """The embedded site is crawled as http://pydoc.localhost/ and reached on the port it is served
+    on, with nothing allowlisted; that one name and port lead there, nothing else: the served
+    address itself, the name on another port, another .localhost name all meet the guard as before,
+    and no name outside .localhost (nor a served address off loopback) can be mapped at all."""
+    import asyncio
+
+    import httpx
+
+    from tasks.crawler import AddressGuard, Refused, guarded_transport, local_routes
+    from tasks.pydoc_site import ORIGIN
+
+    routes = local_routes({ORIGIN: site_url})
+
+    async def get(url: str) -> int:
+        transport = guarded_transport(AddressGuard([]), httpx.Limits(max_connections=2), routes)
+        async with httpx.AsyncClient(transport=transport) as client:
+            return (await client.get(url)).status_code
+
+    assert asyncio.run(get(ORIGIN + "json.html")) == asyncio.run(get("http://PYDOC.localhost:80/")) == 200
+    for url in (site_url + "json.html", "http://pydoc.localhost:8080/json.html", "http://other.localhost/"):
+        with pytest.raises(Refused) as e:
+            asyncio.run(get(url))
+        assert e.value.reason in ("blocked_address", "dns_error"), url
+    port = site_url.rsplit(":", 1)[1]
+    for origin, served in (("http://docs.python.org/", site_url), ("https://pydoc.localhost/", site_url),
+                           ("http://pydoc.localhost/lib/", site_url), ("http://localhost.example.com/", site_url),
+                           (ORIGIN, f"http://10.0.0.1:{port}"), (ORIGIN, f"http://localhost:{port}/"),
+                           (ORIGIN, "http://127.0.0.1/")):
+        with pytest.raises(ValueError):
+            local_routes({origin: served})

@@ -80,7 +80,7 @@ def test_lineage_leads_from_the_model_to_every_stage_dataset_and_the_source(run)
     # the source, and documents by source at each step, counted from the Parquet shards
     collect = run["manifests"]["collect"]
     url = collect["sources"][0]
-    assert url.startswith("http://127.0.0.1:") and [d["source"] for d in out["sources"]["datasets"]] == [url]
+    assert url == "http://pydoc.localhost/" and [d["source"] for d in out["sources"]["datasets"]] == [url]
     kept = {s: Counter(read_table(run["manifests"][s], columns=["source"])["source"].to_pylist())
             for s in ("collect", "extract", "filter", "dedup")}
     dropped = Counter(read_table(collect, dropped=True, columns=["source"])["source"].to_pylist())

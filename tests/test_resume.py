@@ -17,7 +17,8 @@ from collections import Counter
 import pyarrow.parquet as pq
 
 from flows.config import CollectConfig
-from tasks.collect import collect
+from tasks import pydoc_site
+from tasks.collect import collect, collect_pydoc_site
 from tasks.shards import read_table
 from tests.conftest import ROOT
 
@@ -90,6 +91,55 @@ def test_killed_collect_resumes_without_refetching(tmp_path, site_dir):
         path = "/" + u.rsplit("/", 1)[1] if not u.endswith("/") else "/"
         assert hits[path] == before[path] == 1, u
     assert list(tmp_path.iterdir()) == [out]
+
+
+def test_killed_crawl_of_the_embedded_site_resumes_on_another_port(tmp_path, site_dir):
+    """A retried flow serves its site again, on another port: what the killed attempt wrote is not
+    fetched again, and the crawl ends with the pages of an uninterrupted one, each once."""
+    first, hits_first = counting_server(site_dir)
+    out = tmp_path / "collect"
+    child = subprocess.Popen([sys.executable, "-c", "from flows.config import CollectConfig; "
+                              "from tasks.collect import collect_pydoc_site; collect_pydoc_site("
+                              f"CollectConfig(per_host_rps=6, concurrency=2), {str(out)!r}, "
+                              f"'http://127.0.0.1:{first.server_port}/')"],
+                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def rows_written() -> int:
+        return sum(pq.read_metadata(f).num_rows for f in tmp_path.glob(".collect.tmp-*/**/part-*.parquet"))
+    try:
+        deadline = time.time() + 60
+        while rows_written() < 20 and time.time() < deadline:
+            time.sleep(0.1)
+        os.kill(child.pid, signal.SIGKILL)       # mid-crawl (about 110 URLs at 6 a second), 20 rows on disk
+        child.wait()
+    finally:
+        first.shutdown()
+        first.server_close()
+    (stale,) = tmp_path.glob(".collect.tmp-*")
+    written = {r for f in stale.rglob("part-*.parquet") for r in pq.read_table(f, columns=["url"])["url"].to_pylist()}
+    assert len(written) >= 20 and not out.exists()
+
+    second, hits = counting_server(site_dir)     # the retry: the same site on a new port
+    try:
+        assert second.server_port != first.server_port
+        fast = CollectConfig(per_host_rps=1000)   # as the flow crawls its own site
+        resumed = collect_pydoc_site(fast, out, f"http://127.0.0.1:{second.server_port}/")
+        fetched = Counter(hits)
+        whole = collect_pydoc_site(fast, tmp_path / "whole", f"http://127.0.0.1:{second.server_port}/")
+    finally:
+        second.shutdown()
+        second.server_close()
+
+    def rows(m: dict) -> list[tuple]:
+        return sorted([(r["url"], r["doc_id"]) for r in read_table(m, columns=["url", "doc_id"]).to_pylist()]
+                      + [(u, None) for u in read_table(m, dropped=True)["url"].to_pylist()])
+    urls = [u for u, _ in rows(resumed)]
+    assert len(urls) == len(set(urls))                                   # no page twice
+    assert rows(resumed) == rows(whole)                                  # none missing, same ids
+    assert written < set(urls) and all(u.startswith(pydoc_site.ORIGIN) for u in urls)
+    for u in written:                                                    # nothing written is fetched again
+        assert fetched["/" + u.removeprefix(pydoc_site.ORIGIN)] == 0, u
+    assert sum(fetched.values()) == len(urls) - len(written) + 1         # the rest once, and robots.txt
 
 
 def test_second_collect_fetches_only_what_changed(tmp_path, site_dir):
