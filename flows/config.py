@@ -14,13 +14,31 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ssl_model.config import PRESETS, ModelConfig
+
 
 class ConfigError(ValueError):
     """A configuration file or override that cannot be used; the message names the key."""
 
 
 class Section(BaseModel):
+    """A config section. What a key means is in the fields once the section is validated (a
+    preset's shape filled in where not set: see TrainConfig), never in whether a key was written,
+    so its JSON dump, every key written, validates back to an equal section: what a stage rebuilds
+    from the dump it receives is what the user wrote, and equal meanings dump (and cache) alike.
+    A null that means "derive" stays null when what it derives from is in the section too."""
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def handoff(self) -> dict:
+        """The section as a stage receives it (and as its cache key holds it): its JSON dump,
+        checked to validate back to this very section; a ConfigError names the keys that would not."""
+        data = self.model_dump(mode="json")
+        back = type(self).model_validate(data)
+        if back != self:
+            keys = [k for k in type(self).model_fields if getattr(back, k) != getattr(self, k)]
+            raise ConfigError(f"{type(self).__name__}: {', '.join(keys) or 'the section'} would not mean the same "
+                              "to the stage as in the configuration")
+        return data
 
 
 class TableSource(Section):
@@ -247,9 +265,13 @@ class TokenizeConfig(Section):
     seed: int = Field(0, description="Seed of the train/validation split (by doc_id hash).")
 
 
+PRESET_KEYS = frozenset(k for shape in PRESETS.values() for k in shape)   # the fields a preset sets
+
+
 class TrainConfig(Section):
     preset: Literal["test", "tiny", "small", "gpt2-124m"] | None = Field(
-        None, description="Model shape preset (see ssl_model/config.py); shape keys set here override it.")
+        None, description="Model shape preset (see ssl_model/config.py): sets n_layer, n_head, n_embd and "
+                          "block_size; those set here override it.")
     arch: Literal["gpt2", "llama"] = Field("gpt2", description="gpt2: learned positions, LayerNorm, GELU; "
                                                                  "llama: RoPE, RMSNorm, SwiGLU, no biases.")
     n_layer: int = Field(4, ge=1, description="Transformer blocks.")
@@ -296,14 +318,20 @@ class TrainConfig(Section):
                           "model (models:/NAME/VERSION, /latest or @ALIAS), a runs:/ID/PATH checkpoint, or a checkpoint "
                           "file or folder here. Same shape (dropout aside) and the same tokenizer.")
 
+    @model_validator(mode="after")
+    def _apply_preset(self) -> "TrainConfig":
+        """The preset's shape in the fields themselves, where the config does not set them: the
+        section then says what is trained, and its dump (every key set) validates to the same
+        shape. Assigning ``preset`` later re-applies it (or the defaults, for None) the same way."""
+        shape = PRESETS[self.preset] if self.preset else {}
+        for key in PRESET_KEYS - self.model_fields_set:
+            # not setattr: validate_assignment would run this validator again
+            self.__dict__[key] = shape.get(key, type(self).model_fields[key].default)
+        return self
+
     def model_shape(self) -> dict:
-        """The model fields: the preset's, overridden by those set in the config."""
-        from ssl_model.config import PRESETS, ModelConfig
-        names = [f for f in ModelConfig.__dataclass_fields__ if f != "vocab_size"]
-        shape = {k: getattr(self, k) for k in names if k in type(self).model_fields}
-        if self.preset:
-            shape.update({k: v for k, v in PRESETS[self.preset].items() if k not in self.model_fields_set})
-        return shape
+        """The model fields (the preset applied: see ``_apply_preset``)."""
+        return {k: getattr(self, k) for k in ModelConfig.__dataclass_fields__ if k in type(self).model_fields}
 
 
 class TrackingConfig(Section):

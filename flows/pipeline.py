@@ -20,7 +20,7 @@ from prefect.states import Completed, Failed
 from prefect.utilities.annotations import quote
 
 from flows import tracking
-from flows.config import ConfigError, load_config
+from flows.config import ConfigError, PipelineConfig, load_config
 from tasks.collect import collect_task
 from tasks.dedup import dedup_task
 from tasks.extract import extract_task
@@ -32,6 +32,12 @@ from tasks.workers import dask_cluster
 
 STAGES = [("collect", collect_task), ("extract", extract_task), ("filter", filter_task),
           ("dedup", dedup_task), ("tokenize", tokenize_task), ("train", train_task)]
+
+
+def stage_sections(cfg: PipelineConfig) -> dict[str, dict]:
+    """What each stage task receives: its config section as JSON, which the stage validates back
+    to the very section the configuration made (a preset's shape included: see Section.handoff)."""
+    return {stage: getattr(cfg, stage).handoff() for stage, _ in STAGES}
 
 
 def empty_stage_message(stage: str, manifest: dict) -> str:
@@ -46,6 +52,7 @@ def pipeline(config_path: str | None = None, overrides: list[str] | None = None)
     log = get_run_logger()
     try:
         cfg = load_config(config_path, overrides)
+        sections = stage_sections(cfg)
     except ConfigError as e:
         return Failed(message=str(e))
     data_dir = Path(cfg.data_dir).resolve()
@@ -54,15 +61,14 @@ def pipeline(config_path: str | None = None, overrides: list[str] | None = None)
                                          yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     ctx = {"flow_run_id": flow_run.get_id(), "parent_run_id": parent, "run_dir": str(run_dir),
            "data_dir": str(data_dir), "registered_model": cfg.tracking.registered_model,
-           "cache": {**cfg.cache.model_dump(mode="json"), "storage": cfg.cache.storage or str(data_dir / ".results")}}
+           "cache": {**cfg.cache.handoff(), "storage": cfg.cache.storage or str(data_dir / ".results")}}
     log.info("MLflow run: %s", tracking.run_url(parent))
     manifests: dict[str, dict] = {}
-    sections = {stage: getattr(cfg, stage).model_dump(mode="json") for stage, _ in STAGES}
     inputs: list[dict] = []
     stage = "collect"
     try:
         # a Dask cluster for the shards of work of the data stages, when runner.task_runner is dask
-        with dask_cluster(cfg.runner.model_dump(mode="json")) as ctx["runner"]:
+        with dask_cluster(cfg.runner.handoff()) as ctx["runner"]:
             running = _collect_and_extract(ctx, sections)
             for stage, task in STAGES:
                 if stage in running:

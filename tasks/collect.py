@@ -260,6 +260,11 @@ def sources_fingerprint(ctx: dict, section: dict) -> str:
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 
+def pydoc_modules(cfg: CollectConfig) -> tuple[str, ...]:
+    """The modules of the embedded site: as configured, or (null) the curated default list."""
+    return tuple(cfg.pydoc_modules) if cfg.pydoc_modules is not None else pydoc_site.DEFAULT_MODULES
+
+
 @stage_task("collect", sources=sources_fingerprint)
 def collect_task(ctx: dict, section: dict, inputs: list[dict], run_id: str) -> dict | tuple[dict, dict]:
     """Collect the configured sources; with none, crawl the embedded pydoc site, served on
@@ -275,7 +280,7 @@ def collect_task(ctx: dict, section: dict, inputs: list[dict], run_id: str) -> d
         manifest = collect(cfg, out, previous=read_manifest(last) if last else None, runner=ctx.get("runner"))
         write_json(state, {"dir": manifest["dir"]})
         return manifest, collect_metrics(manifest)
-    modules = tuple(cfg.pydoc_modules) if cfg.pydoc_modules is not None else pydoc_site.DEFAULT_MODULES
+    modules = pydoc_modules(cfg)
     key = hashlib.sha256("\n".join(modules).encode()).hexdigest()[:12]
     with pydoc_site.render_and_serve(Path(ctx["data_dir"]) / "pydoc-site" / key, modules) as url:
         # our own static site: no need to spare it

@@ -115,13 +115,17 @@ def download_checkpoint(source: str, folder: Path) -> Path:
     return found[0]
 
 
+def plan(section: dict, vocab_size: int) -> tuple[TrainConfig, ModelConfig, TrainSettings]:
+    """The train section as the stage receives it -> its config, the model's shape and the trainer's settings."""
+    cfg = TrainConfig.model_validate(section)
+    return cfg, ModelConfig(vocab_size=vocab_size, **cfg.model_shape()), TrainSettings.from_dict(cfg.model_dump())
+
+
 @stage_task("train", sources=init_fingerprint)
 def train_task(ctx: dict, section: dict, inputs: list[dict], run_id: str) -> tuple[dict, dict]:
-    cfg = TrainConfig.model_validate(section)
     shards = inputs[0]
+    cfg, model_cfg, settings = plan(section, shards["vocab_size"])
     out = stage_dir(ctx, "train")
-    model_cfg = ModelConfig(vocab_size=shards["vocab_size"], **cfg.model_shape())
-    settings = TrainSettings.from_dict(cfg.model_dump())
     init = None
     if cfg.init_from:
         source = init_source(cfg.init_from)

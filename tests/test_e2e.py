@@ -234,6 +234,32 @@ class Receiver(http.server.ThreadingHTTPServer):
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
 
+def test_a_run_with_a_preset_registers_a_model_of_the_presets_shape(tmp_path, servers):
+    """Issue 19: `--set train.preset=...` was shown by `ssl-pipeline config` and ignored by the
+    train stage, which trained the default shape. Preset `test` (2 layers x 64, 2 heads, T=64)
+    differs from the defaults (4 x 256, 4 heads, T=256) in every key it sets; 2 steps are enough."""
+    from flows.config import PRESET_KEYS
+    from ssl_model.checkpoint import load_checkpoint
+    from ssl_model.config import PRESETS
+    config = tmp_path / "run.yaml"
+    write_config(config, "preset", "preset-gpt", max_steps=2, warmup_steps=1, eval_interval=2, eval_batches=1,
+                 checkpoint_interval=2, sample_tokens=0, export_hf=False)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["train"] = {k: v for k, v in cfg["train"].items() if k not in PRESET_KEYS}   # the shape: the preset's alone
+    config.write_text(yaml.safe_dump(cfg))
+    proc = run_cli(["run", "--config", str(config), "--set", "train.preset=test"], servers, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    mlflow.set_tracking_uri(servers["MLFLOW_TRACKING_URI"])
+    registered = Path(mlflow.artifacts.download_artifacts("models:/preset-gpt/1", dst_path=str(tmp_path / "model")))
+    (checkpoint,) = registered.rglob("step-*.pt")
+    trained = load_checkpoint(checkpoint)["model_config"]
+    assert {k: trained[k] for k in PRESETS["test"]} == PRESETS["test"]
+    params = MlflowClient(servers["MLFLOW_TRACKING_URI"]).get_run(
+        parent_runs(MlflowClient(servers["MLFLOW_TRACKING_URI"]), "preset", flow_run_id(proc.stdout))[0].info.run_id
+    ).data.params   # the parameters logged say so too
+    assert {k: params[f"train.{k}"] for k in PRESETS["test"]} == {k: str(v) for k, v in PRESETS["test"].items()}
+
+
 def test_runs_starting_together_share_one_new_experiment(servers, monkeypatch):
     """Two scheduled runs of a new experiment may both find it missing and both create it (seen
     with two deployment runs started at once): every caller gets the one experiment, none fails."""
