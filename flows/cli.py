@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -36,14 +37,15 @@ def _failure_hint(args, cfg, flow_run_id: str | None) -> list[str]:
         lines += _ui_hint(flow_run_id)
         lines.append(f"Retry it (finished stages come back cached): ssl-pipeline retry {flow_run_id}")
         return lines
-    again = " ".join(["ssl-pipeline", "run", *(["--config", args.config] if args.config else []),
-                      *(f"--set {o}" for o in args.set)])
+    again = shlex.join(["ssl-pipeline", "run", *(["--config", args.config] if args.config else []),
+                        *(x for o in args.set for x in ("--set", o))])
+    results = cfg.cache.storage or str(Path(cfg.data_dir).resolve() / ".results")
     return lines + [
-        f"Prefect flow run: {flow_run_id}, on Prefect's temporary server, which stopped with this command: "
+        f"Prefect flow run: {flow_run_id}, on Prefect's temporary server, which stops when this command ends: "
         "the run cannot be retried.",
         f"Run it again:     {again}",
-        f"                  (stages whose results are kept in {Path(cfg.cache.storage or Path(cfg.data_dir) / '.results')}"
-        " come back cached when their inputs, config and code are unchanged)",
+        f"                  (stages whose results are kept in {results} come back cached when their inputs, "
+        "config and code are unchanged)",
         "To be able to retry a run, run it on persistent servers: make services, then",
         "                  export PREFECT_API_URL=http://127.0.0.1:4200/api MLFLOW_TRACKING_URI=http://127.0.0.1:5000",
         "                  (what a run on the temporary server recorded stays in the MLflow store above)"]

@@ -160,6 +160,7 @@ def _silent(beat: datetime | None, state, where: str) -> str:
     last = beat or (state.timestamp if state else None)
     if last is None or (datetime.now(timezone.utc) - last).total_seconds() > window:
         return f"no heartbeat from {where} for over {window} s"
-    raise NotRetryable(f"{where} sent a heartbeat {_age(last)}: it may still be running; a run is "
-                       f"taken for dead after {window} s without one (SSL_PIPELINE_CRASH_AFTER_S)")
+    seen = f"sent its last heartbeat {_age(beat)}" if beat else f"has sent no heartbeat since it became {state.name} ({_age(last)})"
+    raise NotRetryable(f"{where} {seen}: it may still be running; a run is taken for dead after "
+                       f"{window} s without a heartbeat (SSL_PIPELINE_CRASH_AFTER_S)")
 

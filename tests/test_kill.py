@@ -199,7 +199,8 @@ def test_a_failure_on_the_temporary_server_says_where_things_are_and_how_to_go_o
     assert Path(data) == tmp_path / "runs" / fr_id and (Path(data) / "collect").is_dir()
     assert re.search(rf"^MLflow: +{re.escape(mlflow_uri)}$", tail, re.M), tail
     assert "temporary server" in tail and "cannot be retried" in tail
-    assert "Run it again:     ssl-pipeline run --set collect.start_urls=" in tail
+    assert f"Run it again:     ssl-pipeline run --set 'collect.start_urls=[{refused_url}]'" in tail, tail
+    assert f"results are kept in {tmp_path / 'runs' / '.results'} come back cached" in tail
     assert "make services" in tail and "PREFECT_API_URL=" in tail and "MLFLOW_TRACKING_URI=" in tail
     assert "ssl-pipeline retry" not in tail and "Open the UIs" not in tail, tail
     # and a retry says why it cannot work here
