@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
+import shlex
 import sys
 from pathlib import Path
 
@@ -25,9 +25,35 @@ def _ui_hint(flow_run_id: str | None) -> list[str]:
     return lines
 
 
+def _failure_hint(args, cfg, flow_run_id: str | None) -> list[str]:
+    """What is true after a failed run: where its data and its MLflow records are, and how to go on.
+    A retry needs the Prefect server the run is recorded on; the temporary one is gone."""
+    from prefect.settings import PREFECT_API_URL
+    import mlflow
+    run_dir = Path(cfg.data_dir).resolve() / (flow_run_id or "<flow run id>")
+    lines = [f"Data:             {run_dir}",
+             f"MLflow:           {mlflow.get_tracking_uri()}"]
+    if PREFECT_API_URL.value():
+        lines += _ui_hint(flow_run_id)
+        lines.append(f"Retry it (finished stages come back cached): ssl-pipeline retry {flow_run_id}")
+        return lines
+    again = shlex.join(["ssl-pipeline", "run", *(["--config", args.config] if args.config else []),
+                        *(x for o in args.set for x in ("--set", o))])
+    results = cfg.cache.storage or str(Path(cfg.data_dir).resolve() / ".results")
+    return lines + [
+        f"Prefect flow run: {flow_run_id}, on Prefect's temporary server, which stops when this command ends: "
+        "the run cannot be retried.",
+        f"Run it again:     {again}",
+        f"                  (stages whose results are kept in {results} come back cached when their inputs, "
+        "config and code are unchanged)",
+        "To be able to retry a run, run it on persistent servers: make services, then",
+        "                  export PREFECT_API_URL=http://127.0.0.1:4200/api MLFLOW_TRACKING_URI=http://127.0.0.1:5000",
+        "                  (what a run on the temporary server recorded stays in the MLflow store above)"]
+
+
 def cmd_run(args) -> int:
     try:  # refuse a bad config before any work starts
-        load_config(args.config, args.set)
+        cfg = load_config(args.config, args.set)
     except ConfigError as e:
         print(f"ssl-pipeline: {e}", file=sys.stderr)
         return 2
@@ -36,9 +62,8 @@ def cmd_run(args) -> int:
                      overrides=args.set, return_state=True)
     flow_run_id = str(state.state_details.flow_run_id) if state.state_details else None
     if not state.is_completed():
-        print(f"\nssl-pipeline: run failed: {state.message}", file=sys.stderr)
-        print("\n".join(_ui_hint(flow_run_id)), file=sys.stderr)
-        print(f"Retry it (finished stages come back cached): ssl-pipeline retry {flow_run_id}", file=sys.stderr)
+        print(f"ssl-pipeline: run failed: {state.message}", file=sys.stderr)
+        print("\n".join(_failure_hint(args, cfg, flow_run_id)), file=sys.stderr)
         return 1
     summary = state.result()
     print(f"\nDone: {state.message}")
@@ -50,10 +75,27 @@ def cmd_run(args) -> int:
 
 
 def cmd_retry(args) -> int:
-    """Retry a finished or failed flow run in this process: the CLI twin of the UI's Retry."""
+    """Retry a finished, failed or crashed flow run in this process: the CLI twin of the UI's Retry.
+    A run still marked Running whose process is provably gone (killed) is marked Crashed first."""
+    from prefect.settings import PREFECT_API_URL
+    from flows import recovery
+    if not PREFECT_API_URL.value():
+        print("ssl-pipeline retry: PREFECT_API_URL is not set. A retry needs the Prefect server the run is "
+              "recorded on; a run on Prefect's temporary server is gone with it (run it again instead). "
+              "Persistent servers: make services, then export PREFECT_API_URL=http://127.0.0.1:4200/api "
+              "MLFLOW_TRACKING_URI=http://127.0.0.1:5000", file=sys.stderr)
+        return 2
+    try:
+        recovery.prepare_retry(args.flow_run_id, say=lambda line: print(line, flush=True))
+    except recovery.NotRetryable as e:
+        print(f"ssl-pipeline retry: {e}", file=sys.stderr)
+        return 1
     entry = f"{Path(__file__).with_name('pipeline.py')}:pipeline"
     prefect = Path(sys.executable).with_name("prefect")
-    return subprocess.call([str(prefect), "flow-run", "retry", args.flow_run_id, "--entrypoint", entry])
+    # in place of this process: the flow runs in it, under its pid (killed, nothing is left behind)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(str(prefect), [str(prefect), "flow-run", "retry", args.flow_run_id, "--entrypoint", entry])
 
 
 def cmd_config(args) -> int:
@@ -135,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     # first: on a busy 2-core machine that took over Prefect's default 20 s (two suite runs failed
     # with "Timed out while attempting to connect to ephemeral Prefect API server")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # a heartbeat event every 30 s (Prefect's minimum) while a flow runs: the Prefect server's
+    # automation (infra/services.py) marks a run whose heartbeats stop Crashed, so it can be retried
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
     args = build_parser().parse_args(argv)
     return args.fn(args)
 

@@ -19,7 +19,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 from prefect.utilities.annotations import quote
 
-from flows import tracking
+from flows import recovery, tracking
 from flows.config import ConfigError, PipelineConfig, load_config
 from tasks.collect import collect_task
 from tasks.dedup import dedup_task
@@ -57,6 +57,11 @@ def pipeline(config_path: str | None = None, overrides: list[str] | None = None)
         return Failed(message=str(e))
     data_dir = Path(cfg.data_dir).resolve()
     run_dir = data_dir / flow_run.get_id()
+    # who runs it (ssl-pipeline retry checks this process is gone before retrying), and what an
+    # earlier attempt that died left open in Prefect
+    recovery.record_process(flow_run.get_id())
+    if leftovers := recovery.crash_leftover_task_runs(flow_run.get_id()):
+        log.warning("task runs an earlier attempt left running, now Crashed: %s", ", ".join(leftovers))
     parent = tracking.start_pipeline_run(cfg, flow_run.get_id(), flow_run.get_name(),
                                          yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     ctx = {"flow_run_id": flow_run.get_id(), "parent_run_id": parent, "run_dir": str(run_dir),

@@ -23,6 +23,7 @@ from flows.config import PipelineConfig, flatten
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the CLI prints the links once
 FLOW_RUN_TAG = "prefect.flow_run_id"
 STAGE_TAG = "ssl_pipeline.stage"
+CACHE_KEY_TAG = "ssl_pipeline.cache_key"
 
 
 def client() -> MlflowClient:
@@ -57,6 +58,7 @@ def start_pipeline_run(cfg: PipelineConfig, flow_run_id: str, flow_run_name: str
     run_id = _find_run(exp, flow_run_id, None)
     if run_id is not None:
         c.update_run(run_id, status="RUNNING")
+        kill_leftover_stage_runs(run_id, flow_run_id)
         old = c.get_run(run_id).data.params
         changed = {k: v for k, v in flatten(cfg).items() if k in old and old[k] != v[:6000]}
         if changed:  # MLflow params are immutable: keep the retry's config as an artifact
@@ -72,11 +74,38 @@ def start_pipeline_run(cfg: PipelineConfig, flow_run_id: str, flow_run_name: str
     return run_id
 
 
-def start_stage_run(parent_run_id: str, stage: str, flow_run_id: str) -> str:
+def kill_leftover_stage_runs(parent_run_id: str, flow_run_id: str) -> list[str]:
+    """Stage runs of this flow run still RUNNING when it starts again: an earlier attempt's, whose
+    process died before it could end them. They end KILLED (with an end time)."""
     c = client()
     exp = c.get_run(parent_run_id).info.experiment_id
-    run = c.create_run(exp, run_name=stage, tags={
-        "mlflow.parentRunId": parent_run_id, FLOW_RUN_TAG: flow_run_id, STAGE_TAG: stage})
+    runs = c.search_runs([exp], f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}' and "
+                                f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'")
+    for r in runs:
+        c.set_tag(r.info.run_id, "ssl_pipeline.ended_by", "its attempt died; closed when the flow run was retried")
+        c.set_terminated(r.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+    return [r.info.run_name for r in runs]
+
+
+def start_stage_run(parent_run_id: str, stage: str, flow_run_id: str, key: str | None = None,
+                    resume: bool = False) -> str:
+    """The stage's nested run. ``resume``: the stage continues where an earlier attempt of this
+    flow run with the same cache key stopped (train from its checkpoint), so it continues in that
+    attempt's run, reopened, and one training keeps one history."""
+    c = client()
+    exp = c.get_run(parent_run_id).info.experiment_id
+    if resume and key:
+        earlier = c.search_runs([exp], f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}' and tags.`{STAGE_TAG}` = '{stage}' "
+                                       f"and tags.`{CACHE_KEY_TAG}` = '{key}' and attributes.status != 'FINISHED'",
+                                order_by=["attributes.start_time DESC"], max_results=1)
+        if earlier:
+            run_id = earlier[0].info.run_id
+            c.update_run(run_id, status="RUNNING")
+            c.set_tag(run_id, "ssl_pipeline.resumed_attempts",
+                      str(int(earlier[0].data.tags.get("ssl_pipeline.resumed_attempts", "0")) + 1))
+            return run_id
+    tags = {"mlflow.parentRunId": parent_run_id, FLOW_RUN_TAG: flow_run_id, STAGE_TAG: stage}
+    run = c.create_run(exp, run_name=stage, tags={**tags, **({CACHE_KEY_TAG: key} if key else {})})
     return run.info.run_id
 
 

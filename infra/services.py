@@ -3,6 +3,7 @@
     python -m infra.services start     # prints the environment to use them
     python -m infra.services status
     python -m infra.services stop
+    python -m infra.services automation   # (re)create the zombie-run automation on $PREFECT_API_URL
 
 State (databases, artifacts, logs, pid files) lives in ``$SSL_PIPELINE_HOME`` (default ``.ssl``).
 With ``--database-url postgresql://user:password@host:port`` (or ``$SSL_PIPELINE_DATABASE_URL``) Prefect
@@ -26,6 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+# Flow runs send a heartbeat event every HEARTBEAT_S seconds (Prefect's minimum is 30); a run whose
+# heartbeats stop for CRASH_AFTER_S (its process killed, its machine gone) is marked Crashed by
+# the automation below, and can then be retried.
+HEARTBEAT_S = 30
+CRASH_AFTER_S = 120
+AUTOMATION = "ssl-pipeline: crash flow runs whose heartbeats stop"
 
 
 def free_port() -> int:
@@ -126,13 +133,78 @@ class Service:
         self.pidfile.unlink(missing_ok=True)
 
 
-def start_all(svcs: list[Service], timeout: float = 120) -> list[Service]:
-    """Start the servers side by side (each unless one already answers) and wait until all are healthy."""
+def start_all(svcs: list[Service], timeout: float = 120, crash_after_s: int | None = None) -> list[Service]:
+    """Start the servers side by side (each unless one already answers), wait until all are healthy,
+    and make sure Prefect's server has the automation that marks silent flow runs Crashed."""
     launched = [(s, s.launch()) for s in svcs]
     deadline = time.time() + timeout
     for s, proc in launched:
         s.wait_healthy(proc, deadline)
+    for s in svcs:
+        if s.name == "prefect":
+            ensure_crash_automation(s.env["PREFECT_API_URL"], crash_after_s)
     return svcs
+
+
+def crash_automation(crash_after_s: int) -> dict:
+    """Prefect's recipe for zombie flow runs (docs: "Detect and respond to zombie flows"): after a
+    flow run's heartbeat, expect another one (or the run's end) within ``crash_after_s`` seconds,
+    else set the run Crashed. Needs heartbeats: PREFECT_FLOWS_HEARTBEAT_FREQUENCY (``ssl-pipeline``
+    sets it to HEARTBEAT_S; workers need it in their environment)."""
+    from datetime import timedelta
+
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+    return AutomationCore(
+        name=AUTOMATION,
+        description=f"A flow run that sent a heartbeat and then nothing for {crash_after_s} s (its process was "
+                    "killed or its machine lost) is marked Crashed, so that it can be retried.",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+            within=timedelta(seconds=crash_after_s)),
+        actions=[ChangeFlowRunState(
+            state=StateType.CRASHED,
+            message=f"No heartbeat for {crash_after_s} s: the flow run's process is gone (marked by the automation "
+                    f"'{AUTOMATION}')")],
+    ).model_dump(mode="json", exclude={"owner_resource"})   # the server's update refuses that field
+
+
+def _canonical(v):
+    """JSON with its sets (lists of strings, in any order) sorted: to compare two automations."""
+    if isinstance(v, dict):   # ids the server gives a trigger and an action left out
+        return {k: _canonical(x) for k, x in v.items() if k != "id"}
+    if isinstance(v, list):
+        items = [_canonical(x) for x in v]
+        return sorted(items) if all(isinstance(x, str) for x in items) else items
+    return v
+
+
+def ensure_crash_automation(api_url: str, crash_after_s: int | None = None) -> str:
+    """Create the automation on the Prefect server at ``api_url``, or bring the one of that name up to
+    date (once: duplicates are removed). Returns its id."""
+    import httpx
+    crash_after_s = crash_after_s or int(os.environ.get("SSL_PIPELINE_CRASH_AFTER_S", CRASH_AFTER_S))
+    want = crash_automation(crash_after_s)
+    with httpx.Client(base_url=api_url.rstrip("/") + "/", timeout=30) as http:
+        found = http.post("automations/filter", json={"automations": {"name": {"any_": [AUTOMATION]}}})
+        found.raise_for_status()
+        found = sorted(found.json(), key=lambda a: a["created"])
+        for extra in found[1:]:
+            http.delete(f"automations/{extra['id']}").raise_for_status()
+        if not found:
+            made = http.post("automations/", json=want)
+            made.raise_for_status()
+            return made.json()["id"]
+        have = found[0]
+        if any(_canonical(have.get(k)) != _canonical(v) for k, v in want.items()):
+            http.put(f"automations/{have['id']}", json=want).raise_for_status()
+        return have["id"]
 
 
 def services(home: str | Path | None = None, prefect_port: int = 4200, mlflow_port: int = 5000,
@@ -147,22 +219,33 @@ def services(home: str | Path | None = None, prefect_port: int = 4200, mlflow_po
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m infra.services", description=__doc__.split("\n\n")[0])
-    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("action", choices=["start", "stop", "status", "automation"])
     p.add_argument("--home", default=None, help="state folder (default $SSL_PIPELINE_HOME or .ssl)")
     p.add_argument("--prefect-port", type=int, default=int(os.environ.get("PREFECT_PORT", 4200)))
     p.add_argument("--mlflow-port", type=int, default=int(os.environ.get("MLFLOW_PORT", 5000)))
     p.add_argument("--database-url", default=os.environ.get("SSL_PIPELINE_DATABASE_URL"),
                    help="PostgreSQL server, postgresql://user:password@host:port (default: SQLite in the state folder)")
+    p.add_argument("--crash-after", type=int, default=None, metavar="SECONDS",
+                   help=f"mark a flow run Crashed after this long without a heartbeat (default "
+                        f"$SSL_PIPELINE_CRASH_AFTER_S or {CRASH_AFTER_S})")
     a = p.parse_args(argv)
+    if a.action == "automation":   # on the server PREFECT_API_URL names (a team's, infra/docker-compose.yml)
+        from prefect.settings import PREFECT_API_URL
+        if not PREFECT_API_URL.value():
+            p.error("automation: set PREFECT_API_URL to the Prefect server's API")
+        print(f"automation {ensure_crash_automation(PREFECT_API_URL.value(), a.crash_after)}: {AUTOMATION}")
+        return 0
     svcs = services(a.home, a.prefect_port, a.mlflow_port, a.database_url)
     if a.action == "start":
-        start_all(svcs)
+        start_all(svcs, crash_after_s=a.crash_after)
     for s in svcs:
         if a.action == "stop":
             s.stop()
         state = "up" if s.healthy() else "down"
         print(f"{s.name:8s} {state:5s} {s.url}   (state in {s.home / s.name}, log {s.home / (s.name + '.log')})")
     if a.action == "start":
+        print(f"\nFlow runs silent for {a.crash_after or int(os.environ.get('SSL_PIPELINE_CRASH_AFTER_S', CRASH_AFTER_S))} s "
+              f"are marked Crashed (automation '{AUTOMATION}').")
         print("\nUse them with:\n" + "\n".join(f"  export {k}={v}" for s in svcs for k, v in s.env.items()))
     return 0
 

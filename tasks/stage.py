@@ -79,8 +79,11 @@ def stage_dir(ctx: dict, stage: str) -> Path:
     return Path(ctx["run_dir"]) / stage
 
 
-def stage_task(name: str, sources: Callable[[dict, dict], str] | None = None) -> Callable:
-    """``sources(ctx, section)``: a fingerprint of what a stage without inputs reads (collect)."""
+def stage_task(name: str, sources: Callable[[dict, dict], str] | None = None,
+               resumes: Callable[[dict], bool] | None = None) -> Callable:
+    """``sources(ctx, section)``: a fingerprint of what a stage without inputs reads (collect).
+    ``resumes(ctx)``: whether the stage will continue from what an earlier attempt of this flow
+    run left (train: a checkpoint); it then continues in that attempt's MLflow run."""
     def decorate(fn: Callable) -> Callable:
         code: list[str] = []  # computed once the module has loaded (a plain closure: the task pickles, for Dask)
 
@@ -95,7 +98,9 @@ def stage_task(name: str, sources: Callable[[dict, dict], str] | None = None) ->
         def run(ctx: dict, section: dict, inputs: list[dict], follow: dict | None = None) -> dict:
             """``follow``: {"stage", "key", "state"} of a stage still running whose output this one
             reads as it is written (pass it wrapped in ``prefect.utilities.annotations.quote``)."""
-            run_id = tracking.start_stage_run(ctx["parent_run_id"], name, ctx["flow_run_id"])
+            run_id = tracking.start_stage_run(ctx["parent_run_id"], name, ctx["flow_run_id"],
+                                              key(dict(ctx=ctx, section=section, inputs=inputs, follow=follow)),
+                                              resume=bool(resumes and resumes(ctx)))
             try:
                 result = fn(ctx, section, inputs, run_id, **({"follow": follow} if follow else {}))
                 manifest, metrics = result if isinstance(result, tuple) else (result, {})

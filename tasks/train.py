@@ -38,19 +38,26 @@ class MlflowReporter:
         self.run_id, self.every, self.buffer = run_id, every, []
         self.bar = tqdm(total=total_steps, desc="train", unit="step")
         self.last: dict = {}
+        self.logged: dict[str, int] = {}   # metric -> last step already in the run (resumed in it)
 
     def __call__(self, kind: str, step: int, metrics: dict) -> None:
         ts = int(time.time() * 1000)
         if kind == "resume":
             self.bar.update(step)
             tracking.client().set_tag(self.run_id, "resumed_from", metrics["checkpoint"])
+            self.logged = logged_steps(self.run_id)
             return
+        if kind == "checkpoint":   # what a retry resuming from this checkpoint will not log again
+            self.flush()
         if kind in ("checkpoint", "init"):
             return
         if kind == "sample":
             tracking.client().log_text(self.run_id, metrics["text"], f"samples/step-{step:07d}.txt")
             return
-        self.buffer += [Metric(k, float(v), ts, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+        # a resumed training recomputes, bit for bit, the steps after its checkpoint that the killed
+        # attempt had already logged in this run: logged once
+        self.buffer += [Metric(k, float(v), ts, step) for k, v in metrics.items()
+                        if isinstance(v, (int, float)) and step > self.logged.get(k, -1)]
         self.last.update(metrics)
         if kind == "train":
             self.bar.update(1)
@@ -66,6 +73,12 @@ class MlflowReporter:
     def close(self) -> None:
         self.flush()
         self.bar.close()
+
+
+def logged_steps(run_id: str) -> dict[str, int]:
+    """The last step of every metric already logged in ``run_id`` (by an earlier, killed attempt)."""
+    c = tracking.client()
+    return {k: max(m.step for m in c.get_metric_history(run_id, k)) for k in c.get_run(run_id).data.metrics}
 
 
 def log_model(run_id: str, checkpoint: str, tokenizer: str, registered_name: str, objective: str) -> str:
@@ -121,7 +134,12 @@ def plan(section: dict, vocab_size: int) -> tuple[TrainConfig, ModelConfig, Trai
     return cfg, ModelConfig(vocab_size=vocab_size, **cfg.model_shape()), TrainSettings.from_dict(cfg.model_dump())
 
 
-@stage_task("train", sources=init_fingerprint)
+def has_checkpoint(ctx: dict) -> bool:
+    """An earlier attempt of this flow run left a checkpoint: training resumes from it."""
+    return any((stage_dir(ctx, "train") / "checkpoints").glob("step-*.pt"))
+
+
+@stage_task("train", sources=init_fingerprint, resumes=has_checkpoint)
 def train_task(ctx: dict, section: dict, inputs: list[dict], run_id: str) -> tuple[dict, dict]:
     shards = inputs[0]
     cfg, model_cfg, settings = plan(section, shards["vocab_size"])

@@ -1,0 +1,225 @@
+"""A run killed outright (SIGKILL) is found dead, closed and retried; a failure on Prefect's temporary
+server says what is true. Real Prefect and MLflow servers on 127.0.0.1, real `ssl-pipeline` processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from infra.services import AUTOMATION, CRASH_AFTER_S, ensure_crash_automation, services as make_services, start_all
+from tests.browser import wait_until
+from tests.conftest import BIN, cli_env, run_cli
+from tests.test_e2e import STAGES, parent_runs, stage_runs, task_states, write_config
+
+pytestmark = pytest.mark.e2e
+SILENCE_S = 45   # the automation's window in these tests (heartbeats come every 30 s)
+
+
+def flow_state(api: str, fr_id: str) -> dict:
+    return httpx.get(f"{api}/flow_runs/{fr_id}").json()["state"]
+
+
+def stage_run_status(client: MlflowClient, experiment: str, stage: str) -> list[str]:
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], f"tags.`ssl_pipeline.stage` = '{stage}'") if exp else []
+    return [r.info.status for r in runs]
+
+
+def test_automation_is_created_once_by_services(servers, tmp_path):
+    api = servers["PREFECT_API_URL"]
+
+    def ours() -> list[dict]:
+        return httpx.post(f"{api}/automations/filter", json={"automations": {"name": {"any_": [AUTOMATION]}}}).json()
+    (a,) = ours()
+    assert a["enabled"] and a["trigger"]["posture"] == "Proactive"
+    assert a["trigger"]["after"] == ["prefect.flow-run.heartbeat"] and a["trigger"]["within"] == CRASH_AFTER_S
+    assert "prefect.flow-run.heartbeat" in a["trigger"]["expect"]
+    assert [(x["type"], x["state"]) for x in a["actions"]] == [("change-flow-run-state", "CRASHED")]
+    # `make services` again, on servers already up: still one, updated in place
+    port = int(api.rsplit(":", 1)[1].split("/")[0])
+    prefect = make_services(tmp_path, port, 1)[0]
+    start_all([prefect], crash_after_s=CRASH_AFTER_S + 1)
+    (again,) = ours()
+    assert again["id"] == a["id"] and again["trigger"]["within"] == CRASH_AFTER_S + 1
+    ensure_crash_automation(api, CRASH_AFTER_S)
+    assert ours()[0]["trigger"]["within"] == CRASH_AFTER_S
+
+
+def test_a_killed_run_is_found_dead_closed_and_retried_to_the_same_result(tmp_path, servers):
+    """SIGKILL the run while filter runs: `ssl-pipeline retry` finds its process gone, marks it Crashed
+    and retries it. SIGKILL that retry while train runs, after a checkpoint: the automation marks the
+    run Crashed when its heartbeats stop, and the next retry finishes it. Finished stages come back
+    Cached, what the dead attempts left open is closed, training continues in its own MLflow run with
+    one history, and the outputs are those of an uninterrupted computation."""
+    api, client = servers["PREFECT_API_URL"], MlflowClient(servers["MLFLOW_TRACKING_URI"])
+    ensure_crash_automation(api, SILENCE_S)
+    config = tmp_path / "run.yaml"
+    write_config(config, "killed", "killed-gpt", max_steps=30, checkpoint_interval=10, eval_interval=10)
+    env = cli_env(servers, tmp_path)
+    procs: list[subprocess.Popen] = []
+    try:
+        run = subprocess.Popen([str(BIN / "ssl-pipeline"), "run", "--config", str(config)], cwd=tmp_path, env=env,
+                               stdout=subprocess.DEVNULL, stderr=open(tmp_path / "run.log", "wb"))
+        procs.append(run)
+
+        def parent() -> str | None:
+            assert run.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+            exp = client.get_experiment_by_name("killed")
+            found = client.search_runs([exp.experiment_id], "tags.`mlflow.parentRunId` IS NULL") if exp else []
+            return found[0].data.tags["prefect.flow_run_id"] if found else None
+        fr_id = wait_until(parent, 300, "the pipeline's MLflow run")
+        # its process is alive: a retry refuses, naming it
+        busy = run_cli(["retry", fr_id], servers, tmp_path)
+        assert busy.returncode == 1 and f"process {run.pid} on " in busy.stderr, busy.stdout + busy.stderr
+        wait_until(lambda: parent() and "RUNNING" in stage_run_status(client, "killed", "filter"),
+                   300, "filter to run", every=0.2)
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+        assert flow_state(api, fr_id)["type"] == "RUNNING"          # Prefect cannot know
+
+        # retry 1: the process is gone, so the run is Crashed and retried; SIGKILL it while it trains
+        run_dir = tmp_path / "runs" / fr_id
+        retry = subprocess.Popen([str(BIN / "ssl-pipeline"), "retry", fr_id], cwd=tmp_path, env=env,
+                                 stdout=open(tmp_path / "retry1.log", "wb"), stderr=subprocess.STDOUT)
+        procs.append(retry)
+
+        def trained_past_checkpoint() -> bool:
+            assert retry.poll() is None, (tmp_path / "retry1.log").read_text()[-3000:]
+            ckpts = list((run_dir / "train" / "checkpoints").glob("step-*.pt"))
+            runs = client.search_runs([client.get_experiment_by_name("killed").experiment_id],
+                                      "tags.`ssl_pipeline.stage` = 'train'")
+            return bool(ckpts) and bool(runs) and "loss" in runs[0].data.metrics
+        wait_until(trained_past_checkpoint, 400, "training past its first checkpoint", every=0.2)
+        retry.send_signal(signal.SIGKILL)
+        retry.wait()
+        said = (tmp_path / "retry1.log").read_text()
+        assert re.search(rf"Flow run {fr_id} .*: Running since", said), said[-3000:]
+        assert f"Its process {run.pid} on " in said and "no longer exists" in said and "Marked it Crashed" in said
+
+        # the automation: no heartbeat for SILENCE_S seconds, the run is Crashed
+        t0 = time.time()
+        state = wait_until(lambda: (s := flow_state(api, fr_id))["type"] == "CRASHED" and s, SILENCE_S + 90,
+                           "the automation to mark the run Crashed", every=2)
+        assert "No heartbeat" in state["message"], state
+        print(f"marked Crashed {time.time() - t0:.0f} s after the kill")
+
+        # retry 2: it finishes
+        last = run_cli(["retry", fr_id], servers, tmp_path)
+        assert last.returncode == 0, last.stdout[-3000:] + last.stderr[-5000:]
+        assert f"Its process {retry.pid} on " in last.stdout and "no longer exists" in last.stdout, last.stdout
+    finally:
+        ensure_crash_automation(api, CRASH_AFTER_S)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert flow_state(api, fr_id)["type"] == "COMPLETED"
+    # the attempts sent heartbeats (those queued when a process is killed are lost with it)
+    beats = httpx.post(f"{api}/events/filter", json={"limit": 50, "filter": {
+        "event": {"name": ["prefect.flow-run.heartbeat"]}, "resource": {"id": [f"prefect.flow-run.{fr_id}"]},
+        "order": "ASC"}}).json()["events"]
+    times = [datetime.fromisoformat(e["occurred"]) for e in beats]
+    gaps = [(b - a).total_seconds() for a, b in zip(times, times[1:])]
+    assert len(times) >= 2, gaps
+
+    # Prefect: the dead attempts' task runs closed, finished stages Cached
+    states = task_states(api, fr_id)
+    assert states["filter"] == ["Crashed", "Completed", "Cached"], states
+    assert states["train"] == ["Crashed", "Completed"], states
+    for stage in ("collect", "extract"):
+        assert states[stage] == ["Completed", "Cached", "Cached"], states
+    for stage in ("dedup", "tokenize"):
+        assert states[stage] == ["Completed", "Cached"], states
+
+    # MLflow: nothing left RUNNING; the killed filter ended KILLED; one train run, steps 1..30 once each
+    (parent_run,) = parent_runs(client, "killed", fr_id)
+    assert parent_run.info.status == "FINISHED"
+    runs = stage_runs(client, parent_run.info.run_id)
+    assert sorted((r.info.run_name, r.info.status) for r in runs) == sorted(
+        [(s, "FINISHED") for s in STAGES] + [("filter", "KILLED")])
+    assert all(r.info.end_time for r in runs)
+    (train_run,) = [r for r in runs if r.info.run_name == "train"]
+    history = client.get_metric_history(train_run.info.run_id, "loss")
+    assert [h.step for h in history] == list(range(1, 31))
+    assert train_run.data.tags["ssl_pipeline.resumed_attempts"] == "1" and "resumed_from" in train_run.data.tags
+    assert client.get_model_version("killed-gpt", "1").run_id == train_run.info.run_id
+
+    # the outputs are those of an uninterrupted computation: the data stages after the kill, from
+    # the run's extract output, and training from the run's token shards
+    from flows.config import load_config
+    from ssl_model.config import ModelConfig
+    from ssl_model.trainer import TrainSettings, train
+    from tasks.dedup import dedup
+    from tasks.filter import filter_docs
+    from tasks.shards import read_manifest
+    from tasks.tokenize import tokenize
+    cfg, ref = load_config(str(config)), tmp_path / "ref"
+    got = {s: read_manifest(run_dir / s) for s in STAGES[:5]}
+    want = filter_docs(cfg.filter, got["extract"], ref / "filter")
+    assert want["digest"] == got["filter"]["digest"]
+    want = dedup(cfg.dedup, want, ref / "dedup")
+    assert want["digest"] == got["dedup"]["digest"]
+    want = tokenize(cfg.tokenize, want, ref / "tokenize")
+    assert want["digest"] == got["tokenize"]["digest"]
+    losses = {}
+    done = train(ModelConfig(vocab_size=got["tokenize"]["vocab_size"], **cfg.train.model_shape()),
+                 TrainSettings.from_dict(cfg.train.model_dump()), got["tokenize"]["dir"], ref / "ckpt",
+                 lambda kind, step, m: losses.update({step: m["loss"]}) if kind == "train" else None)
+    assert [h.value for h in history] == [losses[s] for s in range(1, 31)]
+    mine = torch.load(run_dir / "train" / "checkpoints" / "step-0000030.pt", weights_only=True)["model"]
+    theirs = torch.load(done["checkpoint"], weights_only=True)["model"]
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_a_failure_on_the_temporary_server_says_where_things_are_and_how_to_go_on(tmp_path, servers, refused_url):
+    # no PREFECT_API_URL: Prefect's temporary server, gone when the command ends
+    mlflow_uri = servers["MLFLOW_TRACKING_URI"]
+    proc = run_cli(["run", "--set", f"collect.start_urls=[{refused_url}]", "--set", "collect.retries=0",
+                    "--set", "collect.allow_private=[127.0.0.1/32]", "--set", "tracking.experiment=temporary"],
+                   {"MLFLOW_TRACKING_URI": mlflow_uri}, tmp_path)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-5000:]
+    err = proc.stderr
+    lines = err.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("ssl-pipeline: run failed"))
+    assert first == 0 or lines[first - 1].strip(), err[-3000:]          # no blank line before it
+    tail = "\n".join(lines[first:])
+    fr_id = re.search(r"Prefect flow run: ([0-9a-f-]{36})", tail).group(1)
+    data = re.search(r"^Data: +(\S+)$", tail, re.M).group(1)
+    assert Path(data) == tmp_path / "runs" / fr_id and (Path(data) / "collect").is_dir()
+    assert re.search(rf"^MLflow: +{re.escape(mlflow_uri)}$", tail, re.M), tail
+    assert "temporary server" in tail and "cannot be retried" in tail
+    assert f"Run it again:     ssl-pipeline run --set 'collect.start_urls=[{refused_url}]'" in tail, tail
+    assert f"results are kept in {tmp_path / 'runs' / '.results'} come back cached" in tail
+    assert "make services" in tail and "PREFECT_API_URL=" in tail and "MLFLOW_TRACKING_URI=" in tail
+    assert "ssl-pipeline retry" not in tail and "Open the UIs" not in tail, tail
+    # and a retry says why it cannot work here
+    retry = run_cli(["retry", fr_id], {"MLFLOW_TRACKING_URI": mlflow_uri}, tmp_path)
+    assert retry.returncode == 2 and "PREFECT_API_URL is not set" in retry.stderr, retry.stderr[-2000:]
+    assert "Traceback" not in retry.stderr
+
+
+def test_retry_of_a_run_on_another_machine_goes_by_its_heartbeats(servers, tmp_path):
+    """A run recorded on another host cannot be checked from here: a retry goes by its last
+    heartbeat, and refuses while the run may still be alive."""
+    api = servers["PREFECT_API_URL"]
+    flow = httpx.post(f"{api}/flows/", json={"name": "elsewhere"}).json()
+    fr = httpx.post(f"{api}/flow_runs/", json={"flow_id": flow["id"], "state": {"type": "RUNNING", "name": "Running"},
+                                               "labels": {"ssl_pipeline.host": "gpu-node-7", "ssl_pipeline.pid": "4242",
+                                                          "ssl_pipeline.process_start": "x:1"}}).json()
+    proc = run_cli(["retry", fr["id"]], servers, tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert re.search(rf"Flow run {fr['id']} .*: Running since", proc.stdout), proc.stdout
+    assert "Its process 4242 on gpu-node-7 cannot be checked" in proc.stdout and "last heartbeat: never" in proc.stdout
+    assert "may still be running" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert flow_state(api, fr["id"])["type"] == "RUNNING"
