@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -223,3 +224,137 @@ def test_retry_of_a_run_on_another_machine_goes_by_its_heartbeats(servers, tmp_p
     assert "Its process 4242 on gpu-node-7 cannot be checked" in proc.stdout and "last heartbeat: never" in proc.stdout
     assert "may still be running" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert flow_state(api, fr["id"])["type"] == "RUNNING"
+
+
+# -- kill -9 in every other stage ------------------------------------------------------------------
+# The test above kills in filter and train; these kill in collect, extract, dedup and tokenize. A
+# minimal training: only the data stages are compared with an uninterrupted run here.
+KILLED_IN = ["collect", "extract", "dedup", "tokenize"]
+BY_CONTENT = STAGES[:4]   # stages whose digest is over their rows' content, in any order
+MINIMAL_TRAIN = {"max_steps": 2, "eval_interval": 2, "eval_batches": 1, "checkpoint_interval": 2}
+
+
+def kill_config(path: Path, experiment: str) -> str:
+    return write_config(path, experiment, f"{experiment}-gpt", **MINIMAL_TRAIN)
+
+
+def digests(run_dir: Path) -> dict[str, str]:
+    """The content digests of collect, extract, filter and dedup (independent of row order)."""
+    from tasks.shards import read_manifest
+    return {s: read_manifest(run_dir / s)["digest"] for s in BY_CONTENT}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(servers, tmp_path_factory) -> dict:
+    """One run over the same configuration, not interrupted, in a folder of its own (with its own
+    results cache, nothing of it is reused by the runs killed below): its data folder, the digests
+    of its data stages and its tokenizer's."""
+    d = tmp_path_factory.mktemp("uninterrupted")
+    proc = run_cli(["run", "--config", kill_config(d / "run.yaml", "kill-reference")], servers, d)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    (run_dir,) = (d / "runs").glob("*-*-*-*-*")
+    return {"data_dir": d / "runs", "digests": digests(run_dir),
+            "tokenizer": (run_dir / "tokenize" / "tokenizer.json").read_bytes()}
+
+
+def server_task_states(api: str, fr_id: str) -> dict[str, str]:
+    """The latest state type the Prefect server holds for each task of the flow run."""
+    runs = httpx.post(f"{api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [fr_id]}}}).json()
+    return {r["name"]: r["state"]["type"] for r in sorted(runs, key=lambda r: r["created"]) if r["state"]}
+
+
+def stopped_at_work(run: subprocess.Popen, stage: str, runs: Path, api: str, log: Path) -> Path:
+    """Freeze ``run`` (SIGSTOP) while ``stage`` is at work, and once the Prefect server knows it is: the
+    stage's temporary output folder exists and its final one does not, its task run is Running on
+    the server (and, for extract, collect is Completed there; for collect, extract works beside it).
+    dedup and tokenize take well under a second on the test site, less than a task run's state may
+    take to reach the server (as events): so the run is stopped as soon as the folder is seen (polled
+    every 10 ms), then let go on in 20 ms steps until the server has caught up. The run folder."""
+    def working() -> Path | None:
+        assert run.poll() is None, log.read_text()[-3000:]
+        tmps = list(runs.glob(f"*/.{stage}.tmp-*"))
+        run_dir = tmps[0].parent if tmps else None
+        if run_dir is None or (run_dir / stage / "_manifest.json").exists():
+            return None
+        if stage == "extract" and not (run_dir / "collect" / "_manifest.json").exists():
+            return None   # extract follows collect: killed once collect is done
+        return run_dir
+    run_dir = wait_until(working, 300, f"{stage} to be at work", every=0.01)
+    want = {stage: "RUNNING", **({"collect": "COMPLETED"} if stage == "extract" else {}),
+            **({"extract": "RUNNING"} if stage == "collect" else {})}
+    deadline, steps = time.time() + 120, 0
+    os.kill(run.pid, signal.SIGSTOP)
+    while True:
+        held = server_task_states(api, run_dir.name)
+        # with collect, extract at work too (its MLflow run started, its folder made), not merely Running
+        beside = stage != "collect" or list(run_dir.glob(".extract.tmp-*"))
+        if beside and all(held.get(k) == v for k, v in want.items()):
+            print(f"{stage}: stopped at work, the server caught up after {steps} steps of 20 ms")
+            return run_dir
+        # not there yet: a little more time for the run, if the stage is still at work
+        assert time.time() < deadline, held
+        assert list(run_dir.glob(f".{stage}.tmp-*")) and not (run_dir / stage / "_manifest.json").exists(), \
+            f"{stage} ended before the Prefect server knew it ran: {held}"
+        os.kill(run.pid, signal.SIGCONT)
+        time.sleep(0.02)
+        os.kill(run.pid, signal.SIGSTOP)
+        steps += 1
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("stage", KILLED_IN)
+def test_a_run_killed_in_any_stage_is_retried_with_one_command_to_the_uninterrupted_result(
+        stage, tmp_path, servers, uninterrupted):
+    """SIGKILL `ssl-pipeline run` while ``stage`` runs; one `ssl-pipeline retry` finishes it: the stages
+    before come back Cached, the killed one is Crashed then Completed, nothing is left running in
+    MLflow, and every data stage's output has the digest of an uninterrupted run."""
+    api, client = servers["PREFECT_API_URL"], MlflowClient(servers["MLFLOW_TRACKING_URI"])
+    experiment = f"killed-in-{stage}"
+    config = kill_config(tmp_path / "run.yaml", experiment)
+    log = tmp_path / "run.log"
+    # the embedded site as the uninterrupted run rendered it (a data folder renders it once): a page's
+    # Last-Modified, which collect keeps, is the time its file was written
+    shutil.copytree(uninterrupted["data_dir"] / "pydoc-site", tmp_path / "runs" / "pydoc-site")
+    run = subprocess.Popen([str(BIN / "ssl-pipeline"), "run", "--config", config], cwd=tmp_path,
+                           env=cli_env(servers, tmp_path), stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    try:
+        run_dir = stopped_at_work(run, stage, tmp_path / "runs", api, log)
+    finally:
+        run.kill()      # SIGKILL, delivered to a stopped process too
+        run.wait()
+    fr_id = run_dir.name
+    assert flow_state(api, fr_id)["type"] == "RUNNING"          # Prefect cannot know
+
+    retry = run_cli(["retry", fr_id], servers, tmp_path)
+    assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-5000:]
+    assert f"Its process {run.pid} on " in retry.stdout and "no longer exists" in retry.stdout, retry.stdout
+    assert flow_state(api, fr_id)["type"] == "COMPLETED"
+
+    # Prefect: the killed stage Crashed then Completed (collect's and extract's together: extract
+    # follows collect), those before it Cached, those after it run once
+    killed = {"collect": ["collect", "extract"]}.get(stage, [stage])
+    states = task_states(api, fr_id)
+    for i, s in enumerate(STAGES):
+        expected = (["Crashed", "Completed"] if s in killed else ["Completed", "Cached"]
+                    if i < STAGES.index(stage) else ["Completed"])
+        assert states[s] == expected, (s, states)
+
+    # MLflow: nothing left RUNNING; the killed stage's run KILLED, every stage FINISHED once
+    (parent_run,) = parent_runs(client, experiment, fr_id)
+    assert parent_run.info.status == "FINISHED"
+    runs = stage_runs(client, parent_run.info.run_id)
+    assert sorted((r.info.run_name, r.info.status) for r in runs) == sorted(
+        [(s, "FINISHED") for s in STAGES] + [(s, "KILLED") for s in killed])
+    assert all(r.info.end_time for r in runs)
+
+    # the data: what an uninterrupted run over the same configuration gives, by content; tokenize's
+    # token files follow the order of the documents (the crawl's, which varies from run to run):
+    # they are those that an uninterrupted tokenize makes of this run's dedup output
+    from flows.config import load_config
+    from tasks.shards import read_manifest
+    from tasks.tokenize import tokenize
+    assert digests(run_dir) == uninterrupted["digests"]
+    assert (run_dir / "tokenize" / "tokenizer.json").read_bytes() == uninterrupted["tokenizer"]
+    want = tokenize(load_config(config).tokenize, read_manifest(run_dir / "dedup"), tmp_path / "ref" / "tokenize")
+    assert read_manifest(run_dir / "tokenize")["digest"] == want["digest"]
+    assert not list(run_dir.glob(".*.tmp-*"))
