@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import hashlib
+import heapq
 import json
 import os
 import shutil
@@ -235,6 +236,28 @@ def iter_rows(manifest: dict, columns: list[str] | None = None,
         pf = pq.ParquetFile(Path(manifest["dir"]) / f["path"])
         for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
             yield from batch.to_pylist()
+
+
+class SortedRows:
+    """The kept rows of a stage in ``key`` order, whatever shards and row order the stage wrote (a
+    concurrent crawl writes pages as they arrive): each shard is sorted on its own into ``folder``,
+    then the sorted shards are merged as they are read, so memory holds one shard at a time.
+    Iterate it as often as needed; ``folder`` is the caller's to remove."""
+
+    def __init__(self, manifest: dict, key: str, columns: list[str], folder: Path, batch_size: int = 256):
+        self.key, self.batch_size, self.files = key, batch_size, []
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, f in enumerate(manifest["files"]):
+            table = pq.read_table(Path(manifest["dir"]) / f["path"], columns=list(dict.fromkeys([key, *columns])))
+            self.files.append(folder / f"sorted-{i:05d}.parquet")
+            pq.write_table(table.sort_by(key), self.files[-1], row_group_size=batch_size)
+
+    def _rows(self, path: Path) -> Iterator[dict]:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=self.batch_size):
+            yield from batch.to_pylist()
+
+    def __iter__(self) -> Iterator[dict]:
+        return heapq.merge(*map(self._rows, self.files), key=lambda row: row[self.key])
 
 
 class follow_rows:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from flows import tracking
 from flows.config import TokenizeConfig
 from ssl_model.config import EOT, MASK
-from tasks.shards import file_entry, fresh_tmp_dir, iter_rows, make_manifest, publish_dir, write_json
+from tasks.shards import SortedRows, file_entry, fresh_tmp_dir, iter_rows, make_manifest, publish_dir, write_json
 from tasks.stage import stage_dir, stage_task
 
 SPECIAL = [EOT, MASK]
@@ -106,8 +106,10 @@ def tokenize(cfg, docs: dict, stage_dir: str | Path) -> dict:
         if len(ids) >= 2 and "train" not in split.values():
             split[min(ids)] = "train"
         n_train = sum(s == "train" for s in split.values())
-        train_texts = (r["text"] for r in iter_rows(docs, columns=["doc_id", "text"])
-                       if split[r["doc_id"]] == "train")
+        # documents in doc_id order: the same documents make the same shards, however collect's
+        # concurrent fetches ordered them
+        rows = SortedRows(docs, "doc_id", ["text"], tmp / ".by-doc-id")
+        train_texts = (r["text"] for r in rows if split[r["doc_id"]] == "train")
         tok = train_tokenizer(train_texts, cfg.vocab_size, cfg.min_frequency, length=n_train)
         tok.save(str(tmp / "tokenizer.json"))
         vocab = tok.get_vocab_size()
@@ -121,13 +123,13 @@ def tokenize(cfg, docs: dict, stage_dir: str | Path) -> dict:
                 writers[split[row["doc_id"]]].add(row["doc_id"], np.asarray(enc.ids + [eot], dtype=np.int64))
             batch.clear()
 
-        for row in tqdm(iter_rows(docs, columns=["doc_id", "text"]), total=docs["rows"],
-                        desc="tokenize", unit="doc"):
+        for row in tqdm(rows, total=docs["rows"], desc="tokenize", unit="doc"):
             batch.append(row)
             if len(batch) >= 256:
                 flush()
         flush()
         splits = {s: w.finish() for s, w in writers.items()}
+        shutil.rmtree(tmp / ".by-doc-id")
         meta = {"dtype": dtype.name, "byteorder": "little", "vocab_size": vocab, "eot_id": eot,
                 "special_tokens": {t: tok.token_to_id(t) for t in SPECIAL}, "tokenizer": "tokenizer.json",
                 "splits": splits}

@@ -216,6 +216,23 @@ def test_normalize_ignores_case_punctuation_and_spacing():
     assert normalize("Hello,  World!\n") == normalize("hello world") == "hello world"
 
 
+def test_tokenize_gives_the_same_shards_whatever_order_the_documents_came_in(tmp_path, stages):
+    """collect writes pages as concurrent fetches return them, so the same documents reach tokenize
+    in another order and other shards from run to run; the token shards must not follow it."""
+    from flows.config import TokenizeConfig
+    from tasks.tokenize import tokenize
+    rows = list(iter_rows(stages["dedup"]))
+    schema = pq.read_schema(Path(stages["dedup"]["dir"]) / "part-00000.parquet")
+    with StageWriter("dedup", tmp_path / "dedup", schema, shard_rows=7) as w:
+        for row in reversed(rows):
+            w.keep(row)
+    assert len(w.manifest["files"]) > 1
+    again = tokenize(TokenizeConfig(vocab_size=1024, val_fraction=0.25), w.manifest, tmp_path / "tokenize")
+    assert again["digest"] == stages["tokenize"]["digest"]
+    index = pq.read_table(Path(again["dir"]) / "train.idx.parquet")["doc_id"].to_pylist()
+    assert index == sorted(index) and not list(Path(again["dir"]).glob(".*"))
+
+
 def test_tokenize_writes_uint16_shards_with_a_document_index(stages):
     m = stages["tokenize"]
     folder = Path(m["dir"])

@@ -22,7 +22,10 @@ from tests.conftest import ROOT
 def children(pid: int) -> list[int]:
     out = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
-        out += [int(c) for c in (task / "children").read_text().split()]
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:   # the thread ended since it was listed
+            pass
     return out
 
 
