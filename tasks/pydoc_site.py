@@ -190,7 +190,13 @@ def render_site(out_dir: str | os.PathLike, modules: Sequence[str] = DEFAULT_MOD
         log.warning("skipped module %s (%s)", name, err)
     done = result["done"]
     _write_atomic(out / "robots.txt", "User-agent: *\nAllow: /\n")
+    # the pages say what this Python's library is: dated (Last-Modified) as the library is, not when
+    # they were rendered, so two renders of the same library are the same pages
+    stamp = Path(os.__file__).stat().st_mtime
+    for page in [*(out / f"{name}.html" for name in done), out / "robots.txt"]:
+        os.utime(page, (stamp, stamp))
     _write_atomic(out / "index.html", _index_html(done))  # last: marks the site complete
+    os.utime(out / "index.html", (stamp, stamp))
     return done
 
 

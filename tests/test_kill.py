@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -311,9 +310,6 @@ def test_a_run_killed_in_any_stage_is_retried_with_one_command_to_the_uninterrup
     experiment = f"killed-in-{stage}"
     config = kill_config(tmp_path / "run.yaml", experiment)
     log = tmp_path / "run.log"
-    # the embedded site as the uninterrupted run rendered it (a data folder renders it once): a page's
-    # Last-Modified, which collect keeps, is the time its file was written
-    shutil.copytree(uninterrupted["data_dir"] / "pydoc-site", tmp_path / "runs" / "pydoc-site")
     run = subprocess.Popen([str(BIN / "ssl-pipeline"), "run", "--config", config], cwd=tmp_path,
                            env=cli_env(servers, tmp_path), stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     try:

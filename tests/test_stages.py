@@ -48,10 +48,12 @@ def test_collect_crawls_same_host_links_and_records_dead_ones(stages):
 
 
 def test_the_embedded_site_is_the_same_documents_on_any_port(tmp_path, stages, site_dir, site_url):
-    """The flow serves its site on whatever port is free: its pages are recorded under one origin,
-    so two runs over the same pages have the same URLs, doc ids, validation split and digests at
+    """The flow renders its site in each data folder and serves it on whatever port is free: its
+    pages are recorded under one origin and dated as the library they document, so two runs over
+    the same pages have the same URLs, doc ids, validation split and digests at
     every stage (they used to differ at each, and the split moved val_loss by 0.25)."""
-    with pydoc_site.serve(site_dir) as url:   # a second server beside the session's: another port
+    pydoc_site.render_site(tmp_path / "site", TEST_MODULES)   # rendered again: the same pages, dated alike
+    with pydoc_site.serve(tmp_path / "site") as url:   # a second server beside the session's: another port
         assert url != site_url
         again = run_stages(tmp_path, url)
 
