@@ -14,6 +14,8 @@ import yaml
 from flows.config import ConfigError, TrackingConfig, load_config
 
 PROFILES = Path(__file__).parent / "profiles"
+PERSISTENT = ("make services, then export PREFECT_API_URL=http://127.0.0.1:4200/api "
+              "MLFLOW_TRACKING_URI=http://127.0.0.1:5000")   # servers that outlive a command
 
 
 def _ui_hint(flow_run_id: str | None) -> list[str]:
@@ -46,8 +48,7 @@ def _failure_hint(args, cfg, flow_run_id: str | None) -> list[str]:
         f"Run it again:     {again}",
         f"                  (stages whose results are kept in {results} come back cached when their inputs, "
         "config and code are unchanged)",
-        "To be able to retry a run, run it on persistent servers: make services, then",
-        "                  export PREFECT_API_URL=http://127.0.0.1:4200/api MLFLOW_TRACKING_URI=http://127.0.0.1:5000",
+        f"To be able to retry a run, run it on persistent servers: {PERSISTENT}",
         "                  (what a run on the temporary server recorded stays in the MLflow store above)"]
 
 
@@ -82,8 +83,7 @@ def cmd_retry(args) -> int:
     if not PREFECT_API_URL.value():
         print("ssl-pipeline retry: PREFECT_API_URL is not set. A retry needs the Prefect server the run is "
               "recorded on; a run on Prefect's temporary server is gone with it (run it again instead). "
-              "Persistent servers: make services, then export PREFECT_API_URL=http://127.0.0.1:4200/api "
-              "MLFLOW_TRACKING_URI=http://127.0.0.1:5000", file=sys.stderr)
+              f"Persistent servers: {PERSISTENT}", file=sys.stderr)
         return 2
     try:
         recovery.prepare_retry(args.flow_run_id, say=lambda line: print(line, flush=True))

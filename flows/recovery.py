@@ -22,7 +22,13 @@ from pathlib import Path
 
 HOST, PID, STARTED = "ssl_pipeline.host", "ssl_pipeline.pid", "ssl_pipeline.process_start"
 LIVE = ("RUNNING", "PENDING", "CANCELLING", "PAUSED")   # state types of a run that may still have a process
-CRASH_AFTER_S = 120   # infra.services.CRASH_AFTER_S: the automation's window
+CRASH_AFTER_S = 120   # the window of the automation infra.services creates
+
+
+def crash_after_s() -> int:
+    """Seconds without a heartbeat after which a run counts as dead: $SSL_PIPELINE_CRASH_AFTER_S, else
+    CRASH_AFTER_S (the automation and ``prepare_retry`` go by the same)."""
+    return int(os.environ.get("SSL_PIPELINE_CRASH_AFTER_S", CRASH_AFTER_S))
 
 
 def process_start(pid: int) -> str | None:
@@ -156,7 +162,7 @@ def _find_flow_run(client, id_or_name: str):
 
 def _silent(beat: datetime | None, state, where: str) -> str:
     """Why a run on another host counts as dead: no heartbeat for longer than the automation waits."""
-    window = int(os.environ.get("SSL_PIPELINE_CRASH_AFTER_S", CRASH_AFTER_S))
+    window = crash_after_s()
     last = beat or (state.timestamp if state else None)
     if last is None or (datetime.now(timezone.utc) - last).total_seconds() > window:
         return f"no heartbeat from {where} for over {window} s"

@@ -26,12 +26,13 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from flows.recovery import CRASH_AFTER_S, crash_after_s as default_window  # noqa: F401  (CRASH_AFTER_S: for callers)
+
 BIN = Path(sys.executable).parent
 # Flow runs send a heartbeat event every HEARTBEAT_S seconds (Prefect's minimum is 30); a run whose
 # heartbeats stop for CRASH_AFTER_S (its process killed, its machine gone) is marked Crashed by
 # the automation below, and can then be retried.
 HEARTBEAT_S = 30
-CRASH_AFTER_S = 120
 AUTOMATION = "ssl-pipeline: crash flow runs whose heartbeats stop"
 
 
@@ -189,8 +190,8 @@ def ensure_crash_automation(api_url: str, crash_after_s: int | None = None) -> s
     """Create the automation on the Prefect server at ``api_url``, or bring the one of that name up to
     date (once: duplicates are removed). Returns its id."""
     import httpx
-    crash_after_s = crash_after_s or int(os.environ.get("SSL_PIPELINE_CRASH_AFTER_S", CRASH_AFTER_S))
-    want = crash_automation(crash_after_s)
+    window = crash_after_s or default_window()
+    want = crash_automation(window)
     with httpx.Client(base_url=api_url.rstrip("/") + "/", timeout=30) as http:
         found = http.post("automations/filter", json={"automations": {"name": {"any_": [AUTOMATION]}}})
         found.raise_for_status()
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         state = "up" if s.healthy() else "down"
         print(f"{s.name:8s} {state:5s} {s.url}   (state in {s.home / s.name}, log {s.home / (s.name + '.log')})")
     if a.action == "start":
-        print(f"\nFlow runs silent for {a.crash_after or int(os.environ.get('SSL_PIPELINE_CRASH_AFTER_S', CRASH_AFTER_S))} s "
+        print(f"\nFlow runs silent for {a.crash_after or default_window()} s "
               f"are marked Crashed (automation '{AUTOMATION}').")
         print("\nUse them with:\n" + "\n".join(f"  export {k}={v}" for s in svcs for k, v in s.env.items()))
     return 0
