@@ -58,6 +58,13 @@ def cmd_run(args) -> int:
     except ConfigError as e:
         print(f"ssl-pipeline: {e}", file=sys.stderr)
         return 2
+    if cfg.evaluate.enabled and cfg.evaluate.tasks:   # before hours of training: are their datasets here?
+        from tasks import evaluate
+        try:
+            evaluate.load_tasks(cfg.evaluate.tasks, evaluate.task_manager(None, True))
+        except evaluate.TaskDataMissing as e:
+            print(f"ssl-pipeline: evaluate.tasks: {e}", file=sys.stderr)
+            return 2
     from flows.pipeline import pipeline
     state = pipeline(config_path=str(Path(args.config).resolve()) if args.config else None,
                      overrides=args.set, return_state=True)
@@ -67,6 +74,8 @@ def cmd_run(args) -> int:
         print("\n".join(_failure_hint(args, cfg, flow_run_id)), file=sys.stderr)
         return 1
     summary = state.result()
+    if summary.get("evaluation"):
+        print(f"\nEvaluation (lm-evaluation-harness; ± one standard error):\n{summary['evaluation']}")
     print(f"\nDone: {state.message}")
     print(f"Model:            {summary['model_uri']}")
     print(f"MLflow run:       {summary['mlflow_run_url']}")
@@ -119,6 +128,35 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    """Score a registered model, a runs:/ checkpoint or a Hugging Face folder as the evaluate stage
+    does; the scores go to an MLflow run of their own (and on a registered model's version)."""
+    from flows import tracking
+    from flows.config import EvaluateConfig
+    from flows.lineage import LineageError
+    from tasks import evaluate
+    try:
+        cfg = EvaluateConfig(tasks=[t for t in (args.tasks or "").split(",") if t], suite=not args.no_suite,
+                             limit=args.limit, batch_size=args.batch_size, device=args.device)
+        report = evaluate.evaluate_model(args.model, cfg, Path(args.cache).resolve(), args.suite)
+    except (evaluate.TaskDataMissing, LineageError, ValueError, OSError) as e:
+        print(f"ssl-pipeline evaluate: {e}", file=sys.stderr)
+        return 2
+    c = tracking.client()
+    run = c.create_run(tracking.experiment_id(args.experiment), run_name="evaluate",
+                       tags={tracking.STAGE_TAG: "evaluate", "ssl_pipeline.evaluated_model": args.model})
+    evaluate.log_report(run.info.run_id, report, Path(report["dir"]), args.model)
+    tracking.end_run(run.info.run_id, ok=True)
+    report["mlflow_run_id"] = run.info.run_id
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(evaluate.table_text(report))
+        print(f"\n{args.model}: {evaluate.headline_text(report)}")
+        print(f"MLflow run: {tracking.run_url(run.info.run_id)}")
+    return 0
+
+
 def cmd_audit(args) -> int:
     """``lineage`` and ``why``: read only MLflow and the run's data; print text or JSON."""
     from flows import lineage
@@ -153,6 +191,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("out", help="new folder for config.json, model.safetensors and the tokenizer")
     sp.add_argument("--tokenizer", help="tokenizer.json to include (the tokenize stage's)")
     sp.set_defaults(fn=cmd_export)
+    sp = sub.add_parser("evaluate", help="score a model with lm-evaluation-harness as the evaluate stage does")
+    sp.add_argument("model", help="models:/NAME/VERSION (or /latest, @ALIAS), runs:/RUN_ID/PATH to a checkpoint, "
+                                  "or a Hugging Face model folder")
+    sp.add_argument("--tasks", help="lm-eval tasks by name, comma-separated (hellaswag,arc_easy,...), besides the suite")
+    sp.add_argument("--suite", metavar="FOLDER", help="an evaluation suite folder (an evaluate run's 'suite' "
+                                                      "artifact); default: the model's own pipeline run's")
+    sp.add_argument("--no-suite", action="store_true", help="only the named --tasks")
+    sp.add_argument("--limit", type=int, help="items per named task at most")
+    sp.add_argument("--batch-size", type=int, default=32)
+    sp.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    sp.add_argument("--cache", default=".ssl/evaluate", help="where models are downloaded and exported "
+                                                              "(default: %(default)s)")
+    sp.add_argument("--experiment", default=TrackingConfig().experiment, help="MLflow experiment of the "
+                                                                              "evaluation run (default: %(default)s)")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.set_defaults(fn=cmd_evaluate)
     sp = sub.add_parser("lineage", help="a registered model's lineage: training run, token shards, every "
                                         "stage's dataset and counts, sources")
     sp.add_argument("model_uri", help="models:/NAME/VERSION (or models:/NAME/latest, models:/NAME@ALIAS)")

@@ -262,7 +262,17 @@ class TokenizeConfig(Section):
     vocab_size: int = Field(8192, ge=300, le=1_000_000, description="BPE vocabulary size, special tokens included.")
     min_frequency: int = Field(2, ge=1, description="Merges need at least this many occurrences.")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Fraction of documents held out for validation.")
-    seed: int = Field(0, description="Seed of the train/validation split (by doc_id hash).")
+    heldout_fraction: float = Field(0.05, ge=0, lt=1, description="Fraction of documents kept out of the tokenizer "
+                                                                  "and the model, as text for the evaluate stage's "
+                                                                  "suite (by doc_id hash).")
+    seed: int = Field(0, description="Seed of the train/validation/held-out split (by doc_id hash).")
+
+    @model_validator(mode="after")
+    def _splits_leave_training(self) -> "TokenizeConfig":
+        if self.val_fraction + self.heldout_fraction >= 1:
+            raise ValueError(f"val_fraction {self.val_fraction} + heldout_fraction {self.heldout_fraction} "
+                             "leave no documents to train on")
+        return self
 
 
 PRESET_KEYS = frozenset(k for shape in PRESETS.values() for k in shape)   # the fields a preset sets
@@ -334,6 +344,29 @@ class TrainConfig(Section):
         return {k: getattr(self, k) for k in ModelConfig.__dataclass_fields__ if k in type(self).model_fields}
 
 
+class EvaluateConfig(Section):
+    enabled: bool = Field(True, description="Run the evaluate stage after train.")
+    suite: bool = Field(True, description="Score the built-in suite made from the held-out documents: bits per "
+                                          "byte, a continuation choice (HellaSwag's form), a cloze (LAMBADA's form).")
+    max_items: int = Field(200, ge=10, description="Items per suite task at most, spread evenly over the held-out "
+                                                   "documents (a standard error shrinks as 1/sqrt(items)).")
+    tasks: list[str] = Field([], description="lm-evaluation-harness tasks by name (hellaswag, arc_easy, piqa, ...), "
+                                             "scored where their datasets are in the Hugging Face datasets cache.")
+    limit: int | None = Field(None, ge=1, description="Items per named task at most (null: all of them).")
+    untrained: bool = Field(True, description="Score an untrained model of the same shape too: chance, measured.")
+    baselines: list[str] = Field([], description="Other models scored on the same tasks: Hugging Face folders, "
+                                                 "registered models (models:/NAME/VERSION) or runs:/ checkpoints.")
+    batch_size: int = Field(32, ge=1, description="Requests per forward pass.")
+    device: str = Field("auto", description="'auto' (CUDA if present, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
+    seed: int = Field(0, description="Seed of the suite's distractors, the untrained model and the probe's split.")
+
+    @model_validator(mode="after")
+    def _something_to_score(self) -> "EvaluateConfig":
+        if self.enabled and not self.suite and not self.tasks:
+            raise ValueError("evaluate has nothing to score: set suite: true or name tasks (or enabled: false)")
+        return self
+
+
 class TrackingConfig(Section):
     experiment: str = Field("ssl-pipeline", description="MLflow experiment name.")
     registered_model: str = Field("ssl-gpt", description="Name under which the trained model is registered.")
@@ -385,6 +418,7 @@ class PipelineConfig(Section):
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="Stage 4: deduplication.")
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig, description="Stage 5: tokenizer and shards.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Stage 6: pretraining.")
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Stage 7: evaluation.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow names.")
     cache: CacheConfig = Field(default_factory=CacheConfig, description="Reuse of finished stages.")
     runner: RunnerConfig = Field(default_factory=RunnerConfig, description="Where stages run.")

@@ -211,6 +211,8 @@ def lineage(model_uri: str) -> dict:
                       "mlflow_run_id": mv.run_id, "source": mv.source},
             "pipeline_run": {"mlflow_run_id": parent, "prefect_flow_run_id": train.data.tags.get(FLOW_RUN_TAG),
                              "run_name": parent and get_run(parent).info.run_name},
+            "evaluation": {k.removeprefix("eval."): v for k, v in sorted((mv.tags or {}).items())
+                           if k.startswith("eval.")},
             "stages": [stage_summary(link) for link in links],
             "sources": sources(links)}
 
@@ -352,6 +354,10 @@ def format_lineage(r: dict) -> str:
     lines = [f"model      {m['uri']}  (version {m['version']}, {m['status']}, {m['source']})",
              f"training   MLflow run {m['mlflow_run_id']}  of pipeline run {p['mlflow_run_id']} ({p['run_name']}), "
              f"Prefect flow run {p['prefect_flow_run_id']}"]
+    ev = r.get("evaluation") or {}
+    if ev:
+        lines += ["", f"evaluation MLflow run {ev.get('mlflow_run_id', '-')}, suite sha256 {ev.get('suite_sha256', '-')}"]
+        lines += [f"{'':<10} {k} = {v}" for k, v in ev.items() if k not in ("mlflow_run_id", "suite_sha256")]
     for s in r["stages"]:
         reused = "" if s["pipeline_run_id"] == p["mlflow_run_id"] else \
             f", reused from pipeline run {s['pipeline_run_id']}"

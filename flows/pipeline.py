@@ -1,4 +1,4 @@
-"""The pipeline flow: collect -> extract -> filter -> dedup -> tokenize -> train.
+"""The pipeline flow: collect -> extract -> filter -> dedup -> tokenize -> train -> evaluate.
 
 Parameters are a config file path and ``section.key=value`` overrides; the file is read when
 the flow runs, so a retried run picks up a corrected file. Stages hand each other manifests.
@@ -23,6 +23,7 @@ from flows import recovery, tracking
 from flows.config import ConfigError, PipelineConfig, load_config
 from tasks.collect import collect_task
 from tasks.dedup import dedup_task
+from tasks.evaluate import evaluate_task
 from tasks.extract import extract_task
 from tasks.filter import filter_task
 from tasks.stage import prepared, result_store
@@ -31,7 +32,7 @@ from tasks.train import train_task
 from tasks.workers import dask_cluster
 
 STAGES = [("collect", collect_task), ("extract", extract_task), ("filter", filter_task),
-          ("dedup", dedup_task), ("tokenize", tokenize_task), ("train", train_task)]
+          ("dedup", dedup_task), ("tokenize", tokenize_task), ("train", train_task), ("evaluate", evaluate_task)]
 
 
 def stage_sections(cfg: PipelineConfig) -> dict[str, dict]:
@@ -76,6 +77,10 @@ def pipeline(config_path: str | None = None, overrides: list[str] | None = None)
         with dask_cluster(cfg.runner.handoff()) as ctx["runner"]:
             running = _collect_and_extract(ctx, sections)
             for stage, task in STAGES:
+                if stage == "evaluate":
+                    if not cfg.evaluate.enabled:
+                        break
+                    inputs = [manifests["train"], manifests["tokenize"]]   # the model, the held-out documents
                 if stage in running:
                     manifest = running[stage].result()
                 elif stage == "train" and cfg.runner.train_deployment:
@@ -109,6 +114,8 @@ def pipeline(config_path: str | None = None, overrides: list[str] | None = None)
     if train.get("objective") == "contrastive":   # its val_loss is InfoNCE over the batch, not per token
         accuracy, chance = train["retrieval"]
         message = f"val retrieval accuracy {accuracy:.3f} (chance {chance:.3f}), InfoNCE {train['val_loss']:.3f}"
+    if "evaluate" in manifests:
+        summary.update(evaluation=manifests["evaluate"]["table"], headline=manifests["evaluate"]["headline"])
     return Completed(message=message, data=summary)
 
 

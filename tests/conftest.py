@@ -16,6 +16,8 @@ from tasks import pydoc_site
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# nothing a test runs tries the Hugging Face hub: lm-eval's datasets come from local files or not at all
+os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 # A small slice of the standard library's documentation: real prose and real code listings.
 TEST_MODULES = ("json csv argparse textwrap heapq bisect fractions statistics difflib shlex string calendar "
                 "base64 colorsys fnmatch glob getopt gettext queue sched secrets uuid wave zipfile tarfile "
