@@ -145,7 +145,7 @@ def cmd_evaluate(args) -> int:
     c = tracking.client()
     run = c.create_run(tracking.experiment_id(args.experiment), run_name="evaluate",
                        tags={tracking.STAGE_TAG: "evaluate", "ssl_pipeline.evaluated_model": args.model})
-    evaluate.log_report(run.info.run_id, report, Path(report["dir"]), args.model)
+    evaluate.log_report(run.info.run_id, report, Path(report["dir"]), args.model, describe=False)
     tracking.end_run(run.info.run_id, ok=True)
     report["mlflow_run_id"] = run.info.run_id
     if args.json:

@@ -39,6 +39,7 @@ CONTEXT_WORDS, ENDING_WORDS, CHOICES = 32, 16, 4     # continuation: passage, en
 ENDING_CHARS, MIN_ENDING_WORDS = 60, 3               # an ending: its words that fit in 60 characters
 CLOZE_WORDS, CLOZE_MIN_CONTEXT = 48, 24              # cloze: longest passage, least context
 CLOZE_TARGET = re.compile(r"[^\W\d_]{2,20}")         # a cloze answer is a word of 2-20 letters
+PROBE_WORDS, PROBE_PER_DOC = 32, 40                  # the probe's passages: words, at most per document
 MIN_BLOCK = 64                                       # a model's context must hold an answer (tokens)
 ROLLING = ("word_perplexity", "byte_perplexity", "bits_per_byte")
 
@@ -188,6 +189,8 @@ def quiet_harness() -> None:
     """lm-eval and datasets log every request batch at INFO; keep warnings."""
     for name in ("lm-eval", "lm_eval", "datasets", "transformers"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # a passage longer than the model's context is cut on the left, as lm-eval does: said once per item
+    logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
 
 
 def task_manager(suite_dir: str | Path | None, named: bool):
@@ -249,9 +252,12 @@ def harness_model(hf_dir: str | Path, batch_size: int, device: str):
                 dtype="float32", backend="causal")
 
 
-def run_harness(lm, loaded: dict, limit: int | None, bootstrap_iters: int = 1000) -> dict:
+def run_harness(lm, loaded: dict, limit: int | None, bootstrap_iters: int = 0) -> dict:
     """lm-eval's evaluator over loaded tasks: its results dict, samples included (simple_evaluate
-    without its task loading and environment report, which take seconds each time)."""
+    without its task loading and environment report, which take seconds each time). No bootstrap:
+    lm-eval's runs a multiprocessing pool forked from this process, whose workers can hang on a
+    lock a thread held (seen inside a Prefect flow); standard errors come from the samples
+    (``scores``)."""
     import lm_eval
     from lm_eval.evaluator import evaluate
     results = evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=bootstrap_iters, log_samples=True,
@@ -272,9 +278,40 @@ def ratio_stderr(num: list[float], den: list[float]) -> float:
     return math.sqrt(var / n) / mean_den
 
 
+def mean_stderr(values: list[float]) -> float:
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def sample_stderrs(metrics: dict, samples: list[dict]) -> None:
+    """Standard errors from the per-item values: of a mean (accuracies) as lm-eval computes it; of
+    perplexity exp(-mean log-likelihood) and of the rolling ratios (bits per byte: summed bits over
+    summed bytes) by the delta method. Only where the item values reproduce the score."""
+    for name, m in metrics.items():
+        values = [s.get(name) for s in samples]
+        if any(v is None for v in values):
+            continue
+        if all(isinstance(v, (int, float)) for v in values):
+            mean = sum(values) / len(values)
+            if abs(mean - m["value"]) <= 1e-9 * max(1.0, abs(m["value"])):
+                m["stderr"] = mean_stderr(values)
+            elif name == "perplexity" and math.isclose(math.exp(-mean), m["value"], rel_tol=1e-6):
+                m["stderr"] = m["value"] * mean_stderr(values)
+        elif all(isinstance(v, (list, tuple)) and len(v) == 2 for v in values):   # (log-likelihood, units)
+            nll, units = [-v[0] for v in values], [v[1] for v in values]
+            rate = sum(nll) / sum(units)
+            if name == "bits_per_byte" and math.isclose(rate / math.log(2), m["value"], rel_tol=1e-6):
+                m["stderr"] = ratio_stderr(nll, units) / math.log(2)
+            elif name.endswith("perplexity") and math.isclose(math.exp(rate), m["value"], rel_tol=1e-6):
+                m["stderr"] = m["value"] * ratio_stderr(nll, units)
+
+
 def scores(results: dict) -> dict[str, dict[str, dict]]:
-    """{task: {metric: {"value", "stderr", "n", "chance"?}}} from lm-eval's results; the rolling
-    metrics' standard errors (lm-eval gives none) from the per-document samples."""
+    """{task: {metric: {"value", "stderr", "n", "chance"?}}} from lm-eval's results, standard
+    errors computed from the items (``sample_stderrs``) where lm-eval gives none."""
     out: dict[str, dict] = {}
     for task, res in results["results"].items():
         samples = results.get("samples", {}).get(task, [])
@@ -287,17 +324,8 @@ def scores(results: dict) -> dict[str, dict[str, dict]]:
             stderr = res.get(f"{metric}_stderr,{filt}")
             metrics[metric] = {"value": float(value), "n": n,
                                "stderr": float(stderr) if isinstance(stderr, (int, float)) else float("nan")}
-        if samples and "bits_per_byte" in metrics:
-            nll_bits = [-s["bits_per_byte"][0] / math.log(2) for s in samples]
-            nbytes = [s["bits_per_byte"][1] for s in samples]
-            nwords = [s["word_perplexity"][1] for s in samples] if "word_perplexity" in metrics else None
-            metrics["bits_per_byte"]["stderr"] = ratio_stderr(nll_bits, nbytes)
-            if "byte_perplexity" in metrics:   # 2 ** bpb
-                metrics["byte_perplexity"]["stderr"] = (metrics["byte_perplexity"]["value"] * math.log(2)
-                                                        * metrics["bits_per_byte"]["stderr"])
-            if nwords:   # exp(nats per word)
-                nats = [b * math.log(2) for b in nll_bits]
-                metrics["word_perplexity"]["stderr"] = metrics["word_perplexity"]["value"] * ratio_stderr(nats, nwords)
+        if samples:
+            sample_stderrs(metrics, samples)
         if samples and "acc" in metrics and samples[0].get("arguments") and len(samples[0]["arguments"]) > 1:
             chance = sum(1 / len(s["arguments"]) for s in samples) / len(samples)
             for m in ("acc", "acc_norm"):
@@ -449,7 +477,8 @@ def probe_scores(m: dict, docs: list[dict], seed: int) -> dict:
     from ssl_model.checkpoint import load_model
     from tasks.probe import probe
     model = m["model"] if "model" in m else load_model(m["checkpoint"])
-    r = probe(model, Tokenizer.from_file(m["tokenizer"]), docs, causal=False, seed=seed)
+    r = probe(model, Tokenizer.from_file(m["tokenizer"]), docs, causal=False, seed=seed, words=PROBE_WORDS,
+              max_per_doc=PROBE_PER_DOC)
     out = {k: {"value": float(r[k]), "stderr": float(r[f"{k}_stderr"]), "n": int(r["test_passages"])}
            for k in ("probe_accuracy", "majority_accuracy", "tfidf_accuracy")}
     out["probe_accuracy"]["chance"] = float(r["majority_accuracy"])
@@ -597,9 +626,10 @@ def score_figure(report: dict):
     return fig
 
 
-def log_report(run_id: str, report: dict, out: Path, model_uri: str | None) -> None:
+def log_report(run_id: str, report: dict, out: Path, model_uri: str | None, describe: bool = True) -> None:
     """Scores (with stderr) on the evaluate run, lm-eval's results, samples and the task files as
-    artifacts, a chart, and the headline scores on the registered model version."""
+    artifacts, a chart, and the headline scores on the registered model version (as tags; with
+    ``describe``, as its description too)."""
     from mlflow.entities import Metric
     from flows import tracking
     c = tracking.client()
@@ -621,13 +651,16 @@ def log_report(run_id: str, report: dict, out: Path, model_uri: str | None) -> N
     for k, v in tags.items():
         c.set_tag(run_id, k, v)
     if model_uri and model_uri.startswith("models:/"):
-        name, version = model_uri.removeprefix("models:/").split("/")
+        from flows.lineage import model_version
+        mv = model_version(model_uri)
+        name, version = mv.name, mv.version
         for key, s in headline(report["models"]["model"]["scores"]).items():
             c.set_model_version_tag(name, version, f"eval.{key}", f"{s['value']:.4f} ± {s['stderr']:.4f}")
         if report["suite"]:
             c.set_model_version_tag(name, version, "eval.suite_sha256", report["suite"]["digest"])
         c.set_model_version_tag(name, version, "eval.mlflow_run_id", run_id)
-        c.update_model_version(name, version, description=f"Evaluated (MLflow run {run_id}): {headline_text(report)}")
+        if describe:
+            c.update_model_version(name, version, description=f"Evaluated (MLflow run {run_id}): {headline_text(report)}")
 
 
 @stage_task("evaluate")

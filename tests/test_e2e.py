@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from tests.browser import descendants, stop_process_tree, wait_until
 from tests.conftest import BIN, ROOT, TEST_MODULES, cli_env, run_cli
 
-STAGES = ["collect", "extract", "filter", "dedup", "tokenize", "train"]
+STAGES = ["collect", "extract", "filter", "dedup", "tokenize", "train", "evaluate"]
 SMALL_TRAIN = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64, "batch_size": 8, "max_steps": 60,
                "lr": 3e-3, "warmup_steps": 5, "eval_interval": 20, "eval_batches": 4,
                "checkpoint_interval": 30, "threads": 2}
@@ -195,6 +195,33 @@ def test_pipeline_end_to_end_is_tracked_and_the_registered_model_scores(tmp_path
                       json={"artifacts": {"key": {"any_": ["funnel"]}}}).json()
     assert any(a["flow_run_id"] == fr_id and a["type"] == "table" for a in arts)
 
+    # evaluate: lm-eval's scores with their standard errors, on the registered model's page too
+    assert "Evaluation (lm-evaluation-harness" in proc.stdout and "ssl_heldout_bpb" in proc.stdout
+    ev = runs["evaluate"]
+    bpb = ev.data.metrics["ssl_heldout_bpb.bits_per_byte"]
+    assert 0 < bpb < ev.data.metrics["untrained.ssl_heldout_bpb.bits_per_byte"] - 0.5
+    for key in ("ssl_heldout_bpb.bits_per_byte_stderr", "ssl_continuation.acc", "ssl_continuation.acc_stderr",
+                "ssl_continuation.acc_norm_stderr", "ssl_cloze.acc", "untrained.ssl_continuation.acc"):
+        assert key in ev.data.metrics, key
+    arts = {a.path for a in client.list_artifacts(ev.info.run_id)}
+    assert {"suite", "lm_eval_results", "samples", "scores.png", "scores.txt", "report.json"} <= arts, arts
+    assert {"suite/ssl_cloze.yaml", "suite/ssl_cloze.jsonl"} <= {a.path for a in client.list_artifacts(ev.info.run_id, "suite")}
+    tags = client.get_model_version("e2e-gpt", "1").tags
+    assert tags["eval.suite_sha256"] == ev.data.tags["ssl_pipeline.eval_suite_sha256"] and \
+        tags["eval.ssl_heldout_bpb.bits_per_byte"].startswith(f"{bpb:.4f} ± ")
+    assert "ssl_heldout_bpb.bits_per_byte" in client.get_model_version("e2e-gpt", "1").description
+    arts = httpx.post(f"{servers['PREFECT_API_URL']}/artifacts/filter",
+                      json={"artifacts": {"key": {"any_": ["evaluation"]}}}).json()
+    assert any(a["flow_run_id"] == fr_id and a["type"] == "table" for a in arts)
+    lineage = run_cli(["lineage", "models:/e2e-gpt/1"], servers, tmp_path)
+    assert lineage.returncode == 0 and "suite sha256 " + tags["eval.suite_sha256"] in lineage.stdout, lineage.stdout
+    # the same model scored again on demand, by its registered name: the same suite, the same numbers
+    again = run_cli(["evaluate", "models:/e2e-gpt/latest", "--json"], servers, tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    scored = json.loads(again.stdout)
+    assert scored["suite"]["digest"] == tags["eval.suite_sha256"]
+    assert scored["models"]["model"]["scores"]["ssl_heldout_bpb"]["bits_per_byte"]["value"] == pytest.approx(bpb, rel=1e-6)
+
     # a contrastive model on the registered causal one's weights (SimCSE starts from a pretrained
     # encoder): the data stages come back cached, train starts from what models:/e2e-gpt/latest is
     simcse = run_cli(["run", "--config", config, "--set", "train.init_from=models:/e2e-gpt/latest",
@@ -202,12 +229,16 @@ def test_pipeline_end_to_end_is_tracked_and_the_registered_model_scores(tmp_path
                       "--set", "train.max_steps=10", "--set", "tracking.registered_model=e2e-simcse"], servers, tmp_path)
     assert simcse.returncode == 0, simcse.stdout[-3000:] + simcse.stderr[-5000:]
     states = task_states(servers["PREFECT_API_URL"], flow_run_id(simcse.stdout))
-    assert states == {**{s: ["Cached"] for s in STAGES[:5]}, "train": ["Completed"]}, states
+    assert states == {**{s: ["Cached"] for s in STAGES[:5]}, "train": ["Completed"], "evaluate": ["Completed"]}, states
     trained = client.get_run(client.get_model_version("e2e-simcse", "1").run_id)
     assert trained.data.tags["ssl_pipeline.init_from"] == "models:/e2e-gpt/1"
     asked = client.get_run(trained.data.tags["mlflow.parentRunId"]).data.params
     assert asked["train.init_from"] == "models:/e2e-gpt/latest" and asked["train.objective"] == "contrastive"
     assert "final_val_retrieval_accuracy" in trained.data.metrics
+    probe = client.get_run(client.get_run(trained.data.tags["mlflow.parentRunId"]).data.tags[
+        "ssl_pipeline.evaluate.mlflow_run_id"]).data.metrics   # an encoder: the transfer probe
+    assert {"probe.probe_accuracy", "probe.majority_accuracy", "probe.tfidf_accuracy",
+            "untrained.probe.probe_accuracy"} <= set(probe), probe
     assert re.search(r"Done: val retrieval accuracy [0-9.]+ \(chance [0-9.]+\), InfoNCE [0-9.]+", simcse.stdout)
     lineage = run_cli(["lineage", "models:/e2e-simcse/1"], servers, tmp_path)
     assert lineage.returncode == 0, lineage.stderr[-3000:]
@@ -332,7 +363,7 @@ def test_retry_after_a_failed_train_reuses_the_finished_stages(tmp_path, servers
     states = task_states(servers["PREFECT_API_URL"], fr_id)
     for stage in STAGES[:5]:
         assert states[stage] == ["Completed", "Cached"], (stage, states)
-    assert states["train"] == ["Failed", "Completed"]
+    assert states["train"] == ["Failed", "Completed"] and states["evaluate"] == ["Completed"]
     flow = httpx.get(f"{servers['PREFECT_API_URL']}/flow_runs/{fr_id}").json()
     assert flow["state"]["type"] == "COMPLETED"
 
