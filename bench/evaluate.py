@@ -3,7 +3,8 @@
     python bench/evaluate.py RUN_DIR [--rounds 3] [--out bench/results/evaluate.json]
 
 RUN_DIR is a finished pipeline run's data folder (``runs/<flow run id>``, e.g. after ``make demo``):
-its ``train/hf`` export and its ``evaluate/suite`` task files are used. Each round runs, in an
+its ``train/hf`` export is scored on the suite built (as the evaluate stage builds it) from its
+``tokenize/heldout.parquet``. Each round runs, in an
 order that alternates, two fresh processes over the model and the suite's three tasks:
 
   ours   ``tasks.evaluate``'s path: a task index of the suite folder alone, the tasks loaded, HFLM,
@@ -43,6 +44,15 @@ def ours(hf: str, suite: str, out: str) -> None:
     Path(out).write_text(json.dumps(r["results"]["results"]))
 
 
+def train_manifest(run: Path) -> dict:
+    """What the evaluate stage reads of the train stage's manifest (kept by Prefect, not on disk)."""
+    from ssl_model.checkpoint import latest_checkpoint, load_checkpoint
+    checkpoint = latest_checkpoint(run / "train" / "checkpoints")
+    ckpt = load_checkpoint(checkpoint)
+    return {"dir": str(run / "train"), "checkpoint": str(checkpoint), "model_config": ckpt["model_config"],
+            "objective": ckpt["train_config"]["objective"]}
+
+
 def timed(cmd: list[str], env: dict) -> float:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -66,14 +76,17 @@ def main() -> None:
     if args.ours:
         return ours(*args.ours)
     run = Path(args.run_dir).resolve()
-    hf, suite = run / "train" / "hf", run / "evaluate" / "suite"
-    if not (hf / "config.json").is_file() or not (suite / "ssl_cloze.yaml").is_file():
-        raise SystemExit(f"{run}: expected train/hf and evaluate/suite (a finished pipeline run's data folder)")
-    from tasks.evaluate import write_task_yamls
-    write_task_yamls(suite)
+    hf = run / "train" / "hf"
+    if not (hf / "config.json").is_file() or not (run / "tokenize" / "heldout.parquet").is_file():
+        raise SystemExit(f"{run}: expected train/hf and tokenize/heldout.parquet (a finished pipeline run's data)")
+    from tasks import evaluate as ev
+    from tasks.shards import read_manifest
+    tmp = Path(tempfile.mkdtemp(prefix="bench-evaluate-"))
+    # the suite as this code builds it from the run's held-out documents
+    suite = Path(ev.build_suite(ev.read_heldout(read_manifest(run / "tokenize")), tmp / "suite")["dir"])
+    ev.write_task_yamls(suite)
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": str(ROOT)}
-    tmp = Path(tempfile.mkdtemp(prefix="bench-evaluate-"))
     times: dict[str, list[float]] = {"ours": [], "hand": []}
     results: dict[str, dict] = {}
     for i in range(args.rounds):
@@ -95,11 +108,8 @@ def main() -> None:
     missing = sorted(set(a) ^ set(b))
 
     from flows.config import EvaluateConfig
-    from tasks import evaluate as ev
-    from tasks.shards import read_manifest
     t0 = time.perf_counter()
-    stage = ev.evaluate_stage(EvaluateConfig(), read_manifest(run / "train"), read_manifest(run / "tokenize"),
-                              tmp / "stage")
+    stage = ev.evaluate_stage(EvaluateConfig(), train_manifest(run), read_manifest(run / "tokenize"), tmp / "stage")
     stage_s = time.perf_counter() - t0
     report = {"date": time.strftime("%Y-%m-%d"), "run_dir": str(run), "cores": os.cpu_count(),
               "items": stage["suite"]["items"], "rounds": args.rounds,

@@ -29,10 +29,25 @@ import shutil
 import time
 from pathlib import Path
 
+import mlflow
 import pyarrow.parquet as pq
+import torch
+import yaml
+from mlflow.entities import Metric
+from prefect.artifacts import create_table_artifact
+from tokenizers import Tokenizer
 
+from flows import tracking
+from flows.config import EvaluateConfig
+from flows.lineage import model_version
+from ssl_model.checkpoint import load_checkpoint, load_model, model_from
 from ssl_model.config import ModelConfig
+from ssl_model.export import export_checkpoint, export_hf
+from ssl_model.model import GPT
+from tasks.probe import probe
+from tasks.shards import fresh_tmp_dir, publish_dir
 from tasks.stage import stage_dir, stage_task
+from tasks.train import REMOTE, download_checkpoint, init_source
 
 SUITE = ("ssl_heldout_bpb", "ssl_continuation", "ssl_cloze")
 CONTEXT_WORDS, ENDING_WORDS, CHOICES = 32, 16, 4     # continuation: passage, ending, choices
@@ -48,10 +63,11 @@ TASK_YAML = {
                         "metric_list": [{"metric": m, "aggregation": a, "higher_is_better": False} for m, a in
                                         zip(ROLLING, ("weighted_perplexity", "weighted_perplexity", "bits_per_byte"))]},
     "ssl_continuation": {"output_type": "multiple_choice", "doc_to_text": "context", "doc_to_choice": "endings",
-                         "doc_to_target": "label",
+                         "doc_to_target": "label", "target_delimiter": "",
                          "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
                                          for m in ("acc", "acc_norm")]},
-    "ssl_cloze": {"output_type": "loglikelihood", "doc_to_text": "context", "doc_to_target": "target",
+    "ssl_cloze": {"output_type": "loglikelihood", "doc_to_text": "context", "doc_to_target": "continuation",
+                  "target_delimiter": "",
                   "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
                                   {"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False}]},
 }
@@ -79,58 +95,70 @@ def _spread(items: list, n: int) -> list:
     return [items[i * len(items) // n] for i in range(n)]
 
 
-def _clip(words: list[str], start: int) -> str:
-    """The words from ``start`` that fit in ENDING_CHARS (at most ENDING_WORDS of them): an ending
-    of at most ENDING_CHARS + 1 bytes fits any model of MIN_BLOCK tokens or more."""
-    out, size = [], -1
-    for w in words[start:start + ENDING_WORDS]:
-        if size + 1 + len(w) > ENDING_CHARS:
-            break
-        out.append(w)
-        size += 1 + len(w)
-    return " ".join(out)
+def _spans(text: str) -> list[tuple[int, int]]:
+    """Where each whitespace-separated word of ``text`` is."""
+    return [m.span() for m in re.finditer(r"\S+", text)]
+
+
+def _clip(text: str, spans: list[tuple[int, int]], start: int) -> str:
+    """The text of the words from ``start`` that fits in ENDING_CHARS (at most ENDING_WORDS of
+    them): an ending of at most ENDING_CHARS + 1 bytes fits any model of MIN_BLOCK tokens or more."""
+    end = start
+    while end < min(start + ENDING_WORDS, len(spans)) and spans[end][1] - spans[start][0] <= ENDING_CHARS:
+        end += 1
+    return text[spans[start][0]:spans[end - 1][1]] if end > start else ""
 
 
 def continuation_items(docs: list[dict], per_doc: int, rng: random.Random) -> list[dict]:
-    words = {d["doc_id"]: d["text"].split() for d in docs}
+    """Passages and endings are the documents' own text (line breaks kept), as the model read text."""
+    spans = {d["doc_id"]: _spans(d["text"]) for d in docs}
     items = []
     for d in docs:
-        w = words[d["doc_id"]]
-        others = [o for o in docs if o["doc_id"] != d["doc_id"] and len(words[o["doc_id"]]) >= ENDING_WORDS]
+        text, w = d["text"], spans[d["doc_id"]]
+        others = [o for o in docs if o["doc_id"] != d["doc_id"] and len(spans[o["doc_id"]]) >= ENDING_WORDS]
         if not others:
             continue
         span = CONTEXT_WORDS + ENDING_WORDS
         for s in _spread(range(0, len(w) - span + 1, span), per_doc):
-            true = _clip(w, s + CONTEXT_WORDS)
+            true = _clip(text, w, s + CONTEXT_WORDS)
             if len(true.split()) < MIN_ENDING_WORDS:
                 continue
-            endings = []
-            for _ in range(100):   # text of long tokens (code, URLs) may leave few endings
-                ow = words[rng.choice(others)["doc_id"]]
-                ending = _clip(ow, rng.randrange(len(ow) - ENDING_WORDS + 1))
-                if len(ending.split()) >= MIN_ENDING_WORDS and ending != true and ending not in endings:
+            # other documents' passages as long as the true ending, within 10 %: length is no cue
+            # (a model that knows nothing, scoring about the same per token, picks the shortest)
+            endings, near = [], max(2, len(true) // 10)
+            for _ in range(500):
+                other = rng.choice(others)
+                ow = spans[other["doc_id"]]
+                ending = _clip(other["text"], ow, rng.randrange(len(ow) - ENDING_WORDS + 1))
+                if abs(len(ending) - len(true)) <= near and ending != true and ending not in endings:
                     endings.append(ending)
                 if len(endings) == CHOICES - 1:
                     break
-            else:
+            else:   # text of long tokens (code, URLs) may leave none
                 continue
             label = rng.randrange(CHOICES)
             endings.insert(label, true)
-            items.append({"doc_id": d["doc_id"], "context": " ".join(w[s:s + CONTEXT_WORDS]),
-                          "endings": endings, "label": label})
+            # every ending after the whitespace the true one follows (a space, a line break, the
+            # no-break spaces of pydoc's docstrings): the same for all, so it tells nothing
+            sep = text[w[s + CONTEXT_WORDS - 1][1]:w[s + CONTEXT_WORDS][0]]
+            items.append({"doc_id": d["doc_id"], "context": text[w[s][0]:w[s + CONTEXT_WORDS - 1][1]],
+                          "endings": [sep + e for e in endings], "label": label})
     return items
 
 
 def cloze_items(docs: list[dict], per_doc: int) -> list[dict]:
     items = []
     for d in docs:
-        w = d["text"].split()
+        text, w = d["text"], _spans(d["text"])
         found = []
         for s in range(0, len(w) - CLOZE_WORDS + 1, CLOZE_WORDS):
             # the passage ends at the last all-letter word of its window that leaves enough context
             for e in range(s + CLOZE_WORDS - 1, s + CLOZE_MIN_CONTEXT - 1, -1):
-                if CLOZE_TARGET.fullmatch(w[e]):
-                    found.append({"doc_id": d["doc_id"], "context": " ".join(w[s:e]), "target": w[e]})
+                if CLOZE_TARGET.fullmatch(text[w[e][0]:w[e][1]]):
+                    # the answer with the whitespace before it in the text (a space, a line break, a
+                    # no-break space): the model is asked for the text as it is
+                    found.append({"doc_id": d["doc_id"], "context": text[w[s][0]:w[e - 1][1]],
+                                  "target": text[w[e][0]:w[e][1]], "continuation": text[w[e - 1][1]:w[e][1]]})
                     break
         items += _spread(found, per_doc)
     return items
@@ -168,7 +196,6 @@ def build_suite(docs: list[dict], folder: str | Path, max_items: int = 500, seed
 def write_task_yamls(folder: str | Path) -> None:
     """The suite's lm-eval task files, naming ``folder`` (where its JSON Lines are) as data_dir:
     written again wherever the suite is used (``lm_eval --include_path FOLDER --tasks ssl_cloze``)."""
-    import yaml
     folder = Path(folder).resolve()
     for task, spec in TASK_YAML.items():
         cfg = {"task": task, "tag": ["ssl_suite"], "dataset_path": "json",
@@ -319,7 +346,7 @@ def scores(results: dict) -> dict[str, dict[str, dict]]:
         metrics = {}
         for key, value in res.items():
             metric, _, filt = key.partition(",")
-            if metric.endswith("_stderr") or metric == "alias" or not isinstance(value, (int, float)):
+            if metric.endswith("_stderr") or metric in ("alias", "sample_len") or not isinstance(value, (int, float)):
                 continue
             stderr = res.get(f"{metric}_stderr,{filt}")
             metrics[metric] = {"value": float(value), "n": n,
@@ -355,9 +382,6 @@ def headline(task_scores: dict) -> dict[str, dict]:
 
 def untrained_export(model_cfg: ModelConfig, tokenizer_json: str | Path, out: str | Path, seed: int) -> Path:
     """An untrained model of the same shape (initialised as training would start), exported."""
-    import torch
-    from ssl_model.export import export_hf
-    from ssl_model.model import GPT
     out = Path(out)
     if not (out / "config.json").is_file():
         shutil.rmtree(out, ignore_errors=True)
@@ -396,7 +420,6 @@ def evaluate_hf(hf_dir: str | Path, loaded: dict, batch_size: int, device: str, 
 # -- models --------------------------------------------------------------------------------------
 
 def device_of(setting: str) -> str:
-    import torch
     return ("cuda" if torch.cuda.is_available() else "cpu") if setting == "auto" else setting
 
 
@@ -404,7 +427,6 @@ def resolve_model(spec: str, cache: str | Path) -> dict:
     """What ``spec`` names, made local under ``cache``: {"spec", "objective", "hf"?, "checkpoint"?,
     "tokenizer"?}. A Hugging Face folder is used as it is; a registered model (models:/NAME/VERSION,
     /latest, @ALIAS), a runs:/ checkpoint or a checkpoint file here is exported when causal."""
-    from tasks.train import REMOTE, download_checkpoint, init_source
     local = Path(spec)
     if local.is_dir() and (local / "config.json").is_file():
         return {"spec": spec, "objective": "causal", "hf": str(local.resolve())}
@@ -422,14 +444,11 @@ def resolve_model(spec: str, cache: str | Path) -> dict:
                       if p.is_file()]
     if not tokenizers:
         raise FileNotFoundError(f"{spec}: no tokenizer.json found with the checkpoint {checkpoint}")
-    from ssl_model.checkpoint import load_checkpoint
     ckpt = load_checkpoint(checkpoint)
     objective = ckpt.get("train_config", {}).get("objective", "causal")
     out = {"spec": spec, "objective": objective, "checkpoint": str(checkpoint), "tokenizer": str(tokenizers[0]),
            "model_config": ckpt["model_config"]}
     if objective == "causal":
-        from ssl_model.checkpoint import model_from
-        from ssl_model.export import export_hf
         hf = cache / ("hf-" + hashlib.sha256(str(checkpoint.resolve()).encode()).hexdigest()[:16])
         if not (hf / "config.json").is_file():
             shutil.rmtree(hf, ignore_errors=True)
@@ -439,7 +458,6 @@ def resolve_model(spec: str, cache: str | Path) -> dict:
 
 
 def download_tokenizer(run_id: str, cache: Path) -> str:
-    import mlflow
     dst = cache / f"tokenizer-{run_id}"
     dst.mkdir(parents=True, exist_ok=True)
     return mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run_id}/tokenizer.json", dst_path=str(dst))
@@ -473,9 +491,6 @@ def score_models(models: dict[str, dict], loaded: dict | None, docs: list[dict],
 
 def probe_scores(m: dict, docs: list[dict], seed: int) -> dict:
     """The transfer probe (tasks/probe.py) of an encoder, as {metric: {"value", "stderr", "n"}}."""
-    from tokenizers import Tokenizer
-    from ssl_model.checkpoint import load_model
-    from tasks.probe import probe
     model = m["model"] if "model" in m else load_model(m["checkpoint"])
     r = probe(model, Tokenizer.from_file(m["tokenizer"]), docs, causal=False, seed=seed, words=PROBE_WORDS,
               max_per_doc=PROBE_PER_DOC)
@@ -490,7 +505,6 @@ def evaluate_stage(cfg, train: dict, shards: dict, out: str | Path) -> dict:
     """The evaluate stage without Prefect or MLflow: the suite from the held-out documents, the
     trained model, an untrained one of its shape and the baselines, scored; everything written to
     ``out`` (built beside it, renamed into place). Returns the report (also ``out/report.json``)."""
-    from tasks.shards import fresh_tmp_dir, publish_dir
     t0 = time.time()
     out = Path(out)
     tmp = fresh_tmp_dir(out)
@@ -512,7 +526,6 @@ def evaluate_stage(cfg, train: dict, shards: dict, out: str | Path) -> dict:
                  "checkpoint": train["checkpoint"], "tokenizer": tokenizer}
         if causal:
             if not (hf / "config.json").is_file():   # train.export_hf was off
-                from ssl_model.export import export_checkpoint
                 hf = export_checkpoint(train["checkpoint"], tmp / "hf", tokenizer)
             model["hf"] = str(hf)
         models = {"model": model}
@@ -521,8 +534,6 @@ def evaluate_stage(cfg, train: dict, shards: dict, out: str | Path) -> dict:
                 ref = {"spec": "untrained", "objective": objective,
                        "hf": str(untrained_export(model_cfg, tokenizer, tmp / "untrained_hf", cfg.seed))}
             else:
-                import torch
-                from ssl_model.model import GPT
                 torch.manual_seed(cfg.seed)
                 ref = {"spec": "untrained", "objective": objective, "model": GPT(model_cfg).eval(),
                        "tokenizer": tokenizer}
@@ -548,8 +559,6 @@ def table(report: dict) -> list[dict]:
     first = next(iter(models.values()), {"scores": {}})
     for task, metrics in first["scores"].items():
         for metric, m in metrics.items():
-            if metric == "sample_len":
-                continue
             row = {"task": task, "metric": metric}
             for label, r in models.items():
                 s = r["scores"].get(task, {}).get(metric)
@@ -581,10 +590,9 @@ def metrics_of(report: dict) -> dict[str, float]:
         prefix = "" if label == "model" else f"{label}."
         for task, metrics in r["scores"].items():
             for metric, s in metrics.items():
-                if metric != "sample_len":
-                    out[f"{prefix}{task}.{metric}"] = s["value"]
-                    if not math.isnan(s["stderr"]):
-                        out[f"{prefix}{task}.{metric}_stderr"] = s["stderr"]
+                out[f"{prefix}{task}.{metric}"] = s["value"]
+                if not math.isnan(s["stderr"]):
+                    out[f"{prefix}{task}.{metric}_stderr"] = s["stderr"]
     return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
@@ -630,8 +638,6 @@ def log_report(run_id: str, report: dict, out: Path, model_uri: str | None, desc
     """Scores (with stderr) on the evaluate run, lm-eval's results, samples and the task files as
     artifacts, a chart, and the headline scores on the registered model version (as tags; with
     ``describe``, as its description too)."""
-    from mlflow.entities import Metric
-    from flows import tracking
     c = tracking.client()
     ts = int(time.time() * 1000)
     values = [Metric(k, v, ts, 0) for k, v in metrics_of(report).items()]
@@ -651,7 +657,6 @@ def log_report(run_id: str, report: dict, out: Path, model_uri: str | None, desc
     for k, v in tags.items():
         c.set_tag(run_id, k, v)
     if model_uri and model_uri.startswith("models:/"):
-        from flows.lineage import model_version
         mv = model_version(model_uri)
         name, version = mv.name, mv.version
         for key, s in headline(report["models"]["model"]["scores"]).items():
@@ -665,8 +670,6 @@ def log_report(run_id: str, report: dict, out: Path, model_uri: str | None, desc
 
 @stage_task("evaluate")
 def evaluate_task(ctx: dict, section: dict, inputs: list[dict], run_id: str) -> tuple[dict, dict]:
-    from flows.config import EvaluateConfig
-    from prefect.artifacts import create_table_artifact
     cfg = EvaluateConfig.model_validate(section)
     train, shards = inputs
     out = stage_dir(ctx, "evaluate")
@@ -688,9 +691,6 @@ def evaluate_task(ctx: dict, section: dict, inputs: list[dict], run_id: str) -> 
 def pipeline_suite(spec: str, cache: Path) -> tuple[Path | None, list[dict]]:
     """The suite (task files) and held-out documents of the pipeline run that trained ``spec``
     (models:/ or runs:/), found through MLflow; (None, []) when it has none."""
-    import mlflow
-    from flows import tracking
-    from flows.lineage import model_version
     run_id = model_version(spec).run_id if spec.startswith("models:/") else \
         spec.removeprefix("runs:/").split("/")[0] if spec.startswith("runs:/") else None
     if not run_id:

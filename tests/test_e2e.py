@@ -493,7 +493,7 @@ def test_deployments_run_the_pipeline_on_its_pool_and_training_on_the_gpu_pool(t
     # training ran in the child only; the parent holds the run_deployment call that links them
     link = httpx.get(f"{api}/task_runs/{children[0]['parent_task_run_id']}").json()
     assert link["flow_run_id"] == fr_id
-    assert set(task_states(api, fr_id)) == set(STAGES[:5]) | {link["name"]}
+    assert set(task_states(api, fr_id)) == set(STAGES[:5]) | {link["name"], "evaluate"}
     assert task_states(api, children[0]["id"]) == {"train": ["Completed"]}
     client = MlflowClient(servers["MLFLOW_TRACKING_URI"])
     (parent,) = parent_runs(client, "deployed", fr_id)

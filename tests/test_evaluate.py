@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -55,7 +53,9 @@ def causal(shards, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report(shards, causal, tmp_path_factory):
-    return ev.evaluate_stage(EvaluateConfig(), causal, shards, tmp_path_factory.mktemp("evaluate") / "evaluate")
+    # the model's own export as a baseline too: a baseline is scored exactly as the model is
+    return ev.evaluate_stage(EvaluateConfig(baselines=[f"{causal['dir']}/hf"]), causal, shards,
+                             tmp_path_factory.mktemp("evaluate") / "evaluate")
 
 
 def test_the_suite_is_made_of_documents_the_tokenizer_and_the_model_never_saw(stages, shards, report):
@@ -68,15 +68,19 @@ def test_the_suite_is_made_of_documents_the_tokenizer_and_the_model_never_saw(st
     assert shards["heldout_docs"] == len(heldout)
 
     suite = Path(report["suite"]["dir"])
-    texts = {r["doc_id"]: " ".join(r["text"].split()) for r in ev.read_heldout(shards)}
+    texts = {r["doc_id"]: r["text"] for r in ev.read_heldout(shards)}
     for task in ev.SUITE:
         rows = [json.loads(line) for line in (suite / f"{task}.jsonl").open()]
         assert rows and {r["doc_id"] for r in rows} <= heldout, task
         assert report["suite"]["items"][task] == len(rows)
+    # the documents' own text, whitespace as it was; every ending after the same whitespace
     for r in map(json.loads, (suite / "ssl_continuation.jsonl").open()):
-        assert len(r["endings"]) == 4 and f"{r['context']} {r['endings'][r['label']]}" in texts[r["doc_id"]]
+        assert len(set(r["endings"])) == 4 and r["context"] + r["endings"][r["label"]] in texts[r["doc_id"]]
+        assert len({e[:len(e) - len(e.lstrip())] for e in r["endings"]}) == 1
+        assert max(map(len, r["endings"])) - min(map(len, r["endings"])) <= 2 * max(2, len(r["endings"][0]) // 10)
     for r in map(json.loads, (suite / "ssl_cloze.jsonl").open()):
-        assert f"{r['context']} {r['target']}" in texts[r["doc_id"]] and r["target"].isalpha()
+        assert r["context"] + r["continuation"] in texts[r["doc_id"]] and r["target"].isalpha()
+        assert r["continuation"].strip() == r["target"] and r["continuation"][0].isspace()
     assert report["suite"]["digest"] == ev.suite_digest(suite)
     # the same documents make the same suite
     again = ev.build_suite(ev.read_heldout(shards), suite.parent / "again", 200)
@@ -126,10 +130,8 @@ def test_an_untrained_model_scores_chance_and_the_trained_one_beats_it(report):
     # every metric with its standard error
     for scores in (model, untrained):
         for task, metrics in scores.items():
-            for metric, m in metrics.items():
-                if metric != "sample_len":
-                    # (an accuracy of exactly 0 or 1 has a standard error of 0)
-                    assert math.isfinite(m["stderr"]) and (m["stderr"] > 0 or m["value"] in (0, 1)), (task, metric, m)
+            for metric, m in metrics.items():   # (an accuracy of exactly 0 or 1 has a standard error of 0)
+                assert math.isfinite(m["stderr"]) and (m["stderr"] > 0 or m["value"] in (0, 1)), (task, metric, m)
     rows = ev.table(report)
     assert {(r["task"], r["metric"]) for r in rows} >= {("ssl_heldout_bpb", "bits_per_byte"),
                                                          ("ssl_continuation", "acc"), ("ssl_cloze", "acc")}
@@ -150,6 +152,21 @@ def test_the_suite_files_are_ordinary_lm_eval_tasks(causal, report, tmp_path):
     assert results["ssl_cloze"]["acc,none"] == pytest.approx(ours["ssl_cloze"]["acc"]["value"], abs=1e-9)
     assert results["ssl_heldout_bpb"]["bits_per_byte,none"] == pytest.approx(
         ours["ssl_heldout_bpb"]["bits_per_byte"]["value"], rel=1e-6)
+
+
+def test_baselines_and_any_hugging_face_folder_are_scored_alike(causal, report, tmp_path):
+    model = report["models"]["model"]["scores"]
+    assert report["models"]["baseline1"]["scores"] == model and report["models"]["baseline1"]["spec"].endswith("/hf")
+    assert "sample_len" not in model["ssl_cloze"]   # lm-eval's item count is not a score
+    proc = subprocess.run([str(BIN / "ssl-pipeline"), "evaluate", f"{causal['dir']}/hf", "--suite",
+                           report["suite"]["dir"], "--json"], cwd=tmp_path, env=cli_env({}, tmp_path),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scored = json.loads(proc.stdout)
+    assert scored["suite"]["digest"] == report["suite"]["digest"] and scored["mlflow_run_id"]
+    assert scored["models"]["model"]["scores"]["ssl_continuation"] == model["ssl_continuation"]
+    assert scored["models"]["model"]["scores"]["ssl_heldout_bpb"]["bits_per_byte"]["value"] == \
+        pytest.approx(model["ssl_heldout_bpb"]["bits_per_byte"]["value"], rel=1e-9)
 
 
 def test_a_named_task_whose_dataset_is_absent_stops_with_one_line(causal, tmp_path):

@@ -244,8 +244,11 @@ def test_tokenize_writes_uint16_shards_with_a_document_index(stages):
     texts = {r["doc_id"]: r["text"] for r in iter_rows(stages["dedup"])}
     index = pq.read_table(folder / "train.idx.parquet").to_pylist()
     val_ids = set(pq.read_table(folder / "val.idx.parquet")["doc_id"].to_pylist())
+    heldout = {r["doc_id"]: r["text"] for r in pq.read_table(folder / "heldout.parquet").to_pylist()}
     assert val_ids and not val_ids & {r["doc_id"] for r in index}          # split by document
-    assert len(index) + len(val_ids) == len(texts)
+    assert len(heldout) == m["heldout_docs"] >= 2 and not set(heldout) & (val_ids | {r["doc_id"] for r in index})
+    assert len(index) + len(val_ids) + len(heldout) == len(texts)
+    assert all(texts[d] == t for d, t in heldout.items())                  # kept as text, for the evaluate stage
     tokens = np.fromfile(folder / index[0]["shard"], dtype="<u2")
     assert len(tokens) == meta["splits"]["train"]["tokens"] == index[-1]["end"]
     first = index[0]
