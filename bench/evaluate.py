@@ -41,7 +41,7 @@ def ours(hf: str, suite: str, out: str) -> None:
     ev.quiet_harness()
     loaded = ev.load_tasks(TASKS.split(","), ev.task_manager(suite, False))
     r = ev.evaluate_hf(hf, loaded, 32, "cpu", None)
-    Path(out).write_text(json.dumps(r["results"]["results"]))
+    Path(out).write_text(json.dumps({"results": r["results"]["results"], "scores": r["scores"]}))
 
 
 def train_manifest(run: Path) -> dict:
@@ -61,9 +61,10 @@ def timed(cmd: list[str], env: dict) -> float:
     return time.perf_counter() - t0
 
 
-def numbers(results: dict) -> dict:
+def numbers(results: dict, stderr: bool = False) -> dict:
+    """Every score (or, with ``stderr``, every standard error lm-eval computed) as TASK/METRIC."""
     return {f"{t}/{k}": v for t, r in sorted(results.items()) for k, v in sorted(r.items())
-            if isinstance(v, (int, float)) and not k.startswith("sample_len")}
+            if isinstance(v, (int, float)) and not k.startswith("sample_len") and ("_stderr" in k) == stderr}
 
 
 def main() -> None:
@@ -84,7 +85,6 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-evaluate-"))
     # the suite as this code builds it from the run's held-out documents
     suite = Path(ev.build_suite(ev.read_heldout(read_manifest(run / "tokenize")), tmp / "suite")["dir"])
-    ev.write_task_yamls(suite)
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": str(ROOT)}
     times: dict[str, list[float]] = {"ours": [], "hand": []}
@@ -99,10 +99,16 @@ def main() -> None:
                        "--include_path", str(suite), "--tasks", TASKS, "--device", "cpu", "--batch_size", "32",
                        "--output_path", str(out)]
             times[who].append(timed(cmd, env))
-            results[who] = json.loads(out.read_text()) if who == "ours" else \
-                json.loads(next(out.rglob("results_*.json")).read_text())["results"]
+            if who == "ours":
+                results[who], ours_scores = json.loads(out.read_text())["results"], json.loads(out.read_text())["scores"]
+            else:
+                results[who] = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
             print(f"round {i + 1}: {who} {times[who][-1]:.1f} s", flush=True)
     a, b = numbers(results["ours"]), numbers(results["hand"])
+    # standard errors: lm-eval's by hand (its bootstrap for perplexity); ours from the items
+    hand_stderr = numbers(results["hand"], stderr=True)
+    stderrs = {k: {"hand": v, "ours": ours_scores[k.split("/")[0]][k.split("/")[1].split("_stderr")[0]]["stderr"]}
+               for k, v in hand_stderr.items()}
     diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
             if k in a and k in b and not (a[k] == b[k] or abs(a[k] - b[k]) <= 1e-9 * max(1, abs(b[k])))}
     missing = sorted(set(a) ^ set(b))
@@ -117,7 +123,7 @@ def main() -> None:
               "median_s": {k: statistics.median(v) for k, v in times.items()},
               "ratio_ours_over_hand": statistics.median(o / h for o, h in zip(times["ours"], times["hand"])),
               "same_numbers": not diff and not missing, "differences": diff, "only_one_side": missing,
-              "metrics": a, "stage_seconds_with_untrained_reference": round(stage_s, 1),
+              "metrics": a, "stderr_hand_vs_ours": stderrs, "stage_seconds_with_untrained_reference": round(stage_s, 1),
               "stage_headline": ev.headline_text(stage)}
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: report[k] for k in ("median_s", "ratio_ours_over_hand", "same_numbers",

@@ -184,30 +184,46 @@ def build_suite(docs: list[dict], folder: str | Path, max_items: int = 500, seed
                              f"{CONTEXT_WORDS + ENDING_WORDS} words): raise tokenize.heldout_fraction")
         with open(tmp / f"{task}.jsonl", "w") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    digest = hashlib.sha256(b"".join(hashlib.sha256((tmp / f"{t}.jsonl").read_bytes()).digest()
-                                     for t in SUITE)).hexdigest()
+    write_task_yamls(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     os.rename(tmp, folder)
-    write_task_yamls(folder)
+    relocate_suite(folder)
     return {"dir": str(folder), "tasks": list(SUITE), "items": {t: len(r) for t, r in data.items()},
-            "docs": len(docs), "digest": digest}
+            "docs": len(docs), "digest": suite_digest(folder)}
 
 
-def write_task_yamls(folder: str | Path) -> None:
-    """The suite's lm-eval task files, naming ``folder`` (where its JSON Lines are) as data_dir:
-    written again wherever the suite is used (``lm_eval --include_path FOLDER --tasks ssl_cloze``)."""
-    folder = Path(folder).resolve()
+def write_task_yamls(folder: Path) -> None:
+    """The suite's lm-eval task files (``lm_eval --include_path FOLDER --tasks ssl_cloze``)."""
     for task, spec in TASK_YAML.items():
         cfg = {"task": task, "tag": ["ssl_suite"], "dataset_path": "json",
-               "dataset_kwargs": {"data_dir": str(folder), "data_files": {"test": f"{task}.jsonl"}},
+               "dataset_kwargs": {"data_dir": str(folder.resolve()), "data_files": {"test": f"{task}.jsonl"}},
                "test_split": "test", **spec, "metadata": {"version": 1.0}}
         (folder / f"{task}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
+def relocate_suite(folder: str | Path) -> Path:
+    """Point a suite's task files at the folder they are in now (their ``data_dir``), changing
+    nothing else: a suite downloaded or moved is scored as it was written."""
+    folder = Path(folder).resolve()
+    for task in SUITE:
+        path = folder / f"{task}.yaml"
+        if not path.is_file() or not (folder / f"{task}.jsonl").is_file():
+            raise FileNotFoundError(f"{folder} is not an evaluation suite folder ({path.name} or its .jsonl missing)")
+        cfg = yaml.safe_load(path.read_text())
+        cfg["dataset_kwargs"]["data_dir"] = str(folder)
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return folder
+
+
 def suite_digest(folder: str | Path) -> str:
-    folder = Path(folder)
-    return hashlib.sha256(b"".join(hashlib.sha256((folder / f"{t}.jsonl").read_bytes()).digest()
-                                   for t in SUITE)).hexdigest()
+    """sha256 of the suite's items and task files (where they lie left out)."""
+    h = hashlib.sha256()
+    for task in SUITE:
+        cfg = yaml.safe_load((Path(folder) / f"{task}.yaml").read_text())
+        cfg["dataset_kwargs"].pop("data_dir", None)
+        h.update(hashlib.sha256((Path(folder) / f"{task}.jsonl").read_bytes()).digest())
+        h.update(hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).digest())
+    return h.hexdigest()
 
 
 # -- the harness -------------------------------------------------------------------------------
@@ -548,7 +564,7 @@ def evaluate_stage(cfg, train: dict, shards: dict, out: str | Path) -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if suite:   # the task files name the folder their data is in: now the published one
-        write_task_yamls(out / "suite")
+        relocate_suite(out / "suite")
         suite["dir"] = str(out / "suite")
     return report
 
@@ -709,7 +725,7 @@ def pipeline_suite(spec: str, cache: Path) -> tuple[Path | None, list[dict]]:
             except Exception:
                 pass
         if (dst / "suite").is_dir():
-            write_task_yamls(dst / "suite")
+            relocate_suite(dst / "suite")
             suite = dst / "suite"
     if tags.get("ssl_pipeline.tokenize.mlflow_run_id"):
         m = mlflow.artifacts.load_dict(f"runs:/{tags['ssl_pipeline.tokenize.mlflow_run_id']}/manifest.json")
@@ -729,10 +745,7 @@ def evaluate_model(spec: str, cfg, cache: str | Path, suite: str | Path | None =
     model = resolve_model(spec, cache)
     found, docs = pipeline_suite(spec, cache) if spec.startswith(("models:/", "runs:/")) else (None, [])
     if suite:
-        suite = Path(suite).resolve()
-        if not (suite / "ssl_cloze.jsonl").is_file():
-            raise FileNotFoundError(f"{suite} is not an evaluation suite folder (no ssl_*.jsonl files)")
-        write_task_yamls(suite)
+        suite = relocate_suite(suite)
     else:
         suite = found if cfg.suite else None
     causal = model["objective"] == "causal"

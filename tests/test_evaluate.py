@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -158,12 +159,14 @@ def test_baselines_and_any_hugging_face_folder_are_scored_alike(causal, report, 
     model = report["models"]["model"]["scores"]
     assert report["models"]["baseline1"]["scores"] == model and report["models"]["baseline1"]["spec"].endswith("/hf")
     assert "sample_len" not in model["ssl_cloze"]   # lm-eval's item count is not a score
+    moved = shutil.copytree(report["suite"]["dir"], tmp_path / "moved-suite")   # as a downloaded artifact
     proc = subprocess.run([str(BIN / "ssl-pipeline"), "evaluate", f"{causal['dir']}/hf", "--suite",
-                           report["suite"]["dir"], "--json"], cwd=tmp_path, env=cli_env({}, tmp_path),
+                           str(moved), "--json"], cwd=tmp_path, env=cli_env({}, tmp_path),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     scored = json.loads(proc.stdout)
     assert scored["suite"]["digest"] == report["suite"]["digest"] and scored["mlflow_run_id"]
+    assert str(moved) in (moved / "ssl_cloze.yaml").read_text()   # its task files now name where it is
     assert scored["models"]["model"]["scores"]["ssl_continuation"] == model["ssl_continuation"]
     assert scored["models"]["model"]["scores"]["ssl_heldout_bpb"]["bits_per_byte"]["value"] == \
         pytest.approx(model["ssl_heldout_bpb"]["bits_per_byte"]["value"], rel=1e-9)
