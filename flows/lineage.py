@@ -337,7 +337,10 @@ def fate(doc: dict, links: dict) -> dict:
     if "tokenize" in links:
         tok = links["tokenize"]["manifest"]
         hit = lookup(shard_paths(tok), "doc_id", [doc["doc_id"]])   # its Parquet files: the document indexes
-        if hit:
+        if hit and "shard" not in hit[0]:   # held out of tokenizer and model: the evaluate stage's text
+            doc["stages"].append("tokenize")
+            doc["heldout"] = {"file": tok.get("heldout", "heldout.parquet"), "tokenize_dir": tok["dir"]}
+        elif hit:
             sha = {f["path"]: f["sha256"] for f in tok["files"]}
             r = hit[0]
             doc["stages"].append("tokenize")
@@ -407,6 +410,9 @@ def format_why(r: dict) -> str:
             prefix = d["reason"].split(":")[0] + "." if ":" in d["reason"] else ""
             shown = {k: v for k, v in d["scores"].items() if k.startswith(prefix)} or d["scores"]
             lines += [f"  {'':<10} {k} = {v}" for k, v in shown.items() if k != "duplicate_of"]
+        elif "heldout" in d:
+            lines.append(f"  {'tokenize':<10} held out for evaluation ({d['heldout']['file']}): never tokenized, "
+                         "trained on or seen by the tokenizer")
         elif "tokens" in d:
             t = d["tokens"]
             lines.append(f"  {'tokenize':<10} {t['split']} shard {t['shard']}, tokens [{t['start']}, {t['end']}) "

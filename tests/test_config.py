@@ -44,6 +44,8 @@ def test_demo_profile_loads_and_loosens_only_what_it_says():
     ("colect: {}\n", "colect: unknown key"),
     ("dedup:\n  bands: 10\n", "dedup"),
     ("collect:\n  start_urls: [example.org]\n", "collect.start_urls: Value error, 'example.org' is not an http(s) URL"),
+    ("evaluate:\n  suite: false\n", "evaluate: Value error, evaluate has nothing to score"),
+    ("tokenize:\n  val_fraction: 0.5\n  heldout_fraction: 0.5\n", "leave no documents to train on"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, key):
     p = tmp_path / "c.yaml"

@@ -41,6 +41,7 @@ def write_config(path, experiment: str, model: str, **train) -> str:
     cfg["tokenize"] = {"vocab_size": 1024}
     cfg["train"] = {**SMALL_TRAIN, **train}
     cfg["tracking"] = {"experiment": experiment, "registered_model": model}
+    cfg["evaluate"] = {"max_items": 40}   # enough to score, cheap in the many runs the tests start
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
 

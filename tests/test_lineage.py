@@ -84,7 +84,8 @@ def test_lineage_leads_from_the_model_to_every_stage_dataset_and_the_source(run)
     kept = {s: Counter(read_table(run["manifests"][s], columns=["source"])["source"].to_pylist())
             for s in ("collect", "extract", "filter", "dedup")}
     dropped = Counter(read_table(collect, dropped=True, columns=["source"])["source"].to_pylist())
-    tokens = sum(pq.read_metadata(tok_dir / s["index"]).num_rows for s in meta["splits"].values())
+    tokens = sum(pq.read_metadata(tok_dir / s["index"]).num_rows for s in meta["splits"].values()) \
+        + pq.read_metadata(tok_dir / "heldout.parquet").num_rows   # kept: tokenized, or held out for evaluation
     [docs] = out["sources"]["documents"]
     assert docs["source"] == f"crawl:{url}"
     assert docs["kept"] == {**{s: c[docs["source"]] for s, c in kept.items()}, "tokenize": tokens}
@@ -140,6 +141,12 @@ def test_where_the_tokens_of_a_kept_document_are(run):
         assert {k: doc["tokens"][k] for k in ("shard", "start", "end")} == \
             {k: entry[k] for k in ("shard", "start", "end")}
         assert doc["tokens"]["shard_sha256"] == sha256_file(tok_dir / entry["shard"])
+    # a document held out for evaluation: kept, never tokenized
+    held = pq.read_table(tok_dir / "heldout.parquet", columns=["doc_id"])["doc_id"].to_pylist()[0]
+    doc = only_doc(audit(run, "why", held, "--experiment", EXPERIMENT))
+    assert doc["fate"] == "kept" and doc["stages"] == STAGES[:5] and "tokens" not in doc
+    assert doc["heldout"] == {"file": "heldout.parquet", "tokenize_dir": str(tok_dir)}
+    assert "held out for evaluation" in cli(run, "why", held, "--experiment", EXPERIMENT).stdout
 
 
 def test_why_a_page_was_not_collected(run):
