@@ -11,6 +11,7 @@ import json
 import os
 import re
 import subprocess
+import time
 
 import httpx
 import pytest
@@ -102,8 +103,14 @@ def failed_runs(tmp_path_factory, servers):
             cfg["data_dir"] = str(home / f"runs-{ui}")
             with open(config, "w") as f:
                 yaml.safe_dump(cfg, f)
-            r = httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", timeout=30,
-                           json={"parameters": {"config_path": config, "overrides": []}})
+            # the server on SQLite answers 503 while its database is busy (seen once, on a fresh
+            # machine, as the suite's first test started): retried, as Prefect's own client does
+            for attempt in range(6):
+                r = httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", timeout=30,
+                               json={"parameters": {"config_path": config, "overrides": []}})
+                if r.status_code != 503:
+                    break
+                time.sleep(2 + 2 * attempt)
             r.raise_for_status()
             runs[ui] = {"id": r.json()["id"], "name": r.json()["name"], "config": config}
         for ui, run in runs.items():
