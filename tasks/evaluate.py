@@ -171,9 +171,7 @@ def build_suite(docs: list[dict], folder: str | Path, max_items: int = 500, seed
         raise ValueError(f"{len(docs)} held-out document(s): the evaluate suite needs at least 2 "
                          "(raise tokenize.heldout_fraction, or add documents)")
     folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = fresh_tmp_dir(folder)
     per_doc = max(1, -(-max_items // len(docs)))
     data = {"ssl_heldout_bpb": [{"doc_id": d["doc_id"], "text": d["text"]} for d in _spread(docs, max_items)],
             "ssl_continuation": continuation_items(docs, per_doc, random.Random(seed))[:max_items],
@@ -185,8 +183,7 @@ def build_suite(docs: list[dict], folder: str | Path, max_items: int = 500, seed
         with open(tmp / f"{task}.jsonl", "w") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     write_task_yamls(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.rename(tmp, folder)
+    publish_dir(tmp, folder)
     relocate_suite(folder)
     return {"dir": str(folder), "tasks": list(SUITE), "items": {t: len(r) for t, r in data.items()},
             "docs": len(docs), "digest": suite_digest(folder)}
@@ -305,8 +302,7 @@ def run_harness(lm, loaded: dict, limit: int | None, bootstrap_iters: int = 0) -
     from lm_eval.evaluator import evaluate
     results = evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=bootstrap_iters, log_samples=True,
                        verbosity="WARNING")
-    results["config"] = {"model": "hf", "model_args": f"pretrained={lm.pretrained}" if hasattr(lm, "pretrained")
-                         else None, "batch_size": lm.batch_size, "device": str(lm.device), "limit": limit,
+    results["config"] = {"model": "hf", "batch_size": lm.batch_size, "device": str(lm.device), "limit": limit,
                          "bootstrap_iters": bootstrap_iters, "lm_eval_version": lm_eval.__version__}
     return results
 
@@ -398,12 +394,8 @@ def headline(task_scores: dict) -> dict[str, dict]:
 
 def untrained_export(model_cfg: ModelConfig, tokenizer_json: str | Path, out: str | Path, seed: int) -> Path:
     """An untrained model of the same shape (initialised as training would start), exported."""
-    out = Path(out)
-    if not (out / "config.json").is_file():
-        shutil.rmtree(out, ignore_errors=True)
-        torch.manual_seed(seed)
-        export_hf(GPT(model_cfg), out, tokenizer_json)
-    return out
+    torch.manual_seed(seed)
+    return export_hf(GPT(model_cfg), out, tokenizer_json)
 
 
 def sample_records(results: dict) -> dict[str, list[dict]]:
@@ -697,7 +689,7 @@ def evaluate_task(ctx: dict, section: dict, inputs: list[dict], run_id: str) -> 
     manifest = {"stage": "evaluate", "dir": str(out), "rows": report["heldout_docs"], "input_rows": report["heldout_docs"],
                 "dropped": 0, "reasons": {}, "digest": digest, "bytes": (out / "report.json").stat().st_size,
                 "seconds": report["seconds"], "suite": report["suite"], "tasks": report["tasks"],
-                "headline": {k: v for k, v in headline(report["models"]["model"]["scores"]).items()},
+                "headline": headline(report["models"]["model"]["scores"]),
                 "headline_text": headline_text(report), "table": table_text(report)}
     return manifest, {}
 
