@@ -111,6 +111,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
                            "(use 'auto' or 'cpu')")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise RuntimeError(f"train.device is {name!r} but this machine has {torch.cuda.device_count()} GPU(s)")
+    if dev.type == "cuda" and dev.index is None:  # plain "cuda": this rank's GPU (set_device needs an index)
+        dev = torch.device(f"cuda:{local_rank}")
     return dev
 
 
