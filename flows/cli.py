@@ -52,19 +52,59 @@ def _failure_hint(args, cfg, flow_run_id: str | None) -> list[str]:
         "                  (what a run on the temporary server recorded stays in the MLflow store above)"]
 
 
+def tasks_available(cfg) -> bool:
+    """Before hours of training: are the named harness tasks' datasets here? (False: said why.)"""
+    if cfg.evaluate.enabled and cfg.evaluate.tasks:
+        from tasks import evaluate
+        try:
+            evaluate.load_tasks(cfg.evaluate.tasks, evaluate.task_manager(None, True))
+        except evaluate.TaskDataMissing as e:
+            print(f"ssl-pipeline: evaluate.tasks: {e}", file=sys.stderr)
+            return False
+    return True
+
+
+def cmd_ablate(args) -> int:
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from flows.ablate import ablate, load_ablation
+    try:
+        ab, _, cfgs = load_ablation(args.config)
+    except ConfigError as e:
+        print(f"ssl-pipeline ablate: {e}", file=sys.stderr)
+        return 2
+    if not tasks_available(next(iter(cfgs.values()))):
+        return 2
+    run = ablate.with_options(task_runner=ThreadPoolTaskRunner(max_workers=ab.ablate.parallel))
+    state = run(config_path=str(Path(args.config).resolve()), return_state=True)
+    flow_run_id = str(state.state_details.flow_run_id) if state.state_details else None
+    if not state.is_completed():
+        print(f"ssl-pipeline ablate: failed: {state.message}", file=sys.stderr)
+        print(f"Run the same command again: finished variants come back cached and an interrupted training "
+              f"resumes from its checkpoint.", file=sys.stderr)
+        return 1
+    r = state.result()
+    if args.json:
+        print(json.dumps({k: v for k, v in r.items() if k != "table"}, indent=2, default=str))
+        return 0
+    print(f"\nAblation: {state.message}; one suite (sha256 {r['suite_digest'][:12]}), "
+          f"{r['comparison']['confidence']:.0%} intervals from a paired bootstrap over its items"
+          + (" and the seeds" if len(r["seeds"]) > 1 else ""))
+    print(f"\n{r['table']}\n")
+    print("\n".join(r["verdicts"]))
+    print(f"\nMLflow run:       {r['mlflow_run_url']}")
+    print(f"Data:             {r['dir']}")
+    print("\n".join(_ui_hint(flow_run_id)))
+    return 0
+
+
 def cmd_run(args) -> int:
     try:  # refuse a bad config before any work starts
         cfg = load_config(args.config, args.set)
     except ConfigError as e:
         print(f"ssl-pipeline: {e}", file=sys.stderr)
         return 2
-    if cfg.evaluate.enabled and cfg.evaluate.tasks:   # before hours of training: are their datasets here?
-        from tasks import evaluate
-        try:
-            evaluate.load_tasks(cfg.evaluate.tasks, evaluate.task_manager(None, True))
-        except evaluate.TaskDataMissing as e:
-            print(f"ssl-pipeline: evaluate.tasks: {e}", file=sys.stderr)
-            return 2
+    if not tasks_available(cfg):
+        return 2
     from flows.pipeline import pipeline
     state = pipeline(config_path=str(Path(args.config).resolve()) if args.config else None,
                      overrides=args.set, return_state=True)
@@ -183,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one setting, e.g. --set train.max_steps=200 (repeatable)")
         sp.set_defaults(fn=fn)
+    sp = sub.add_parser("ablate", help="train the same model on data prepared different ways (variants) and "
+                                       "compare them on one evaluation suite")
+    sp.add_argument("--config", required=True, help=f"ablation file: base config, ablate settings, variants "
+                                                    f"(example: {PROFILES / 'ablate-demo.yaml'})")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.set_defaults(fn=cmd_ablate)
     sp = sub.add_parser("retry", help="retry a failed flow run; finished stages come back cached")
     sp.add_argument("flow_run_id")
     sp.set_defaults(fn=cmd_retry)

@@ -197,6 +197,8 @@ class PiiConfig(Section):
 
 
 class FilterConfig(Section):
+    enabled: bool = Field(True, description="false: every quality filter off, all documents pass (PII masking "
+                                            "still applies as set): a raw-data baseline.")
     url: UrlFilterConfig = Field(default_factory=UrlFilterConfig, description="URL blocklist.")
     language: LanguageConfig = Field(default_factory=LanguageConfig, description="Language identification.")
     gopher_repetition: GopherRepetitionConfig = Field(default_factory=GopherRepetitionConfig,

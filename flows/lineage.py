@@ -138,8 +138,9 @@ def latest_pipeline_run(experiment: str) -> Run:
     exp = client().get_experiment_by_name(experiment)
     if exp is None:
         raise LineageError(f"no MLflow experiment {experiment!r} at {mlflow.get_tracking_uri()}")
-    runs = client().search_runs([exp.experiment_id], f"tags.`{FLOW_RUN_TAG}` IS NOT NULL and tags.`{PARENT_TAG}` "
-                                                     f"IS NULL and attributes.status = 'FINISHED'",
+    runs = client().search_runs([exp.experiment_id], f"tags.`{FLOW_RUN_TAG}` IS NOT NULL and tags.`{STAGE_TAG}` "
+                                                     "IS NULL and tags.`ssl_pipeline.kind` IS NULL and "
+                                                     "attributes.status = 'FINISHED'",
                                 order_by=["attributes.end_time DESC"], max_results=1)
     if not runs:
         raise LineageError(f"no finished pipeline run in MLflow experiment {experiment!r}")

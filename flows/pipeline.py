@@ -47,27 +47,44 @@ def empty_stage_message(stage: str, manifest: dict) -> str:
             f"dropped by reason: {reasons}). Its output is kept in {manifest['dir']}.")
 
 
+def make_ctx(cfg: PipelineConfig, flow_run_id: str, parent_run_id: str, run_dir: Path) -> dict:
+    """What every stage task receives besides its section: where it writes, its MLflow parent, the cache."""
+    data_dir = Path(cfg.data_dir).resolve()
+    return {"flow_run_id": flow_run_id, "parent_run_id": parent_run_id, "run_dir": str(run_dir),
+            "data_dir": str(data_dir), "registered_model": cfg.tracking.registered_model,
+            "cache": {**cfg.cache.handoff(), "storage": cfg.cache.storage or str(data_dir / ".results")}}
+
+
+STAGE_SUMMARY = ("digest", "rows", "dir", "mlflow_run_id", "train_tokens", "train_docs", "tokens_per_step",
+                 "suite_digest")
+
+
 @flow(name="ssl-pipeline", log_prints=True)
-def pipeline(config_path: str | None = None, overrides: list[str] | None = None):
-    """From raw web pages to a pretrained model, every step recorded in MLflow."""
+def pipeline(config_path: str | None = None, overrides: list[str] | None = None, parent_run_id: str | None = None,
+             run_dir: str | None = None, until: str | None = None):
+    """From raw web pages to a pretrained model, every step recorded in MLflow.
+
+    ``parent_run_id``: the MLflow run this one nests under (an ablation's); ``run_dir``: the folder
+    of this run's stages (default ``<data_dir>/<flow run id>``); ``until``: the last stage to run."""
     log = get_run_logger()
     try:
         cfg = load_config(config_path, overrides)
         sections = stage_sections(cfg)
+        if until is not None and until not in dict(STAGES):
+            raise ConfigError(f"until: {until!r} is not a stage ({', '.join(dict(STAGES))})")
     except ConfigError as e:
         return Failed(message=str(e))
     data_dir = Path(cfg.data_dir).resolve()
-    run_dir = data_dir / flow_run.get_id()
+    run_dir = Path(run_dir).resolve() if run_dir else data_dir / flow_run.get_id()
     # who runs it (ssl-pipeline retry checks this process is gone before retrying), and what an
     # earlier attempt that died left open in Prefect
     recovery.record_process(flow_run.get_id())
     if leftovers := recovery.crash_leftover_task_runs(flow_run.get_id()):
         log.warning("task runs an earlier attempt left running, now Crashed: %s", ", ".join(leftovers))
     parent = tracking.start_pipeline_run(cfg, flow_run.get_id(), flow_run.get_name(),
-                                         yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    ctx = {"flow_run_id": flow_run.get_id(), "parent_run_id": parent, "run_dir": str(run_dir),
-           "data_dir": str(data_dir), "registered_model": cfg.tracking.registered_model,
-           "cache": {**cfg.cache.handoff(), "storage": cfg.cache.storage or str(data_dir / ".results")}}
+                                         yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False),
+                                         parent_run_id=parent_run_id)
+    ctx = make_ctx(cfg, flow_run.get_id(), parent, run_dir)
     log.info("MLflow run: %s", tracking.run_url(parent))
     manifests: dict[str, dict] = {}
     inputs: list[dict] = []
@@ -96,20 +113,25 @@ def pipeline(config_path: str | None = None, overrides: list[str] | None = None)
                     notify_failure(cfg, parent, stage, msg)
                     return Failed(message=msg)
                 inputs = [manifest]
+                if stage == until:
+                    break
     except BaseException as e:
         tracking.end_run(parent, ok=False)
         notify_failure(cfg, parent, stage, f"{type(e).__name__}: {e}")
         raise
     _report(parent, manifests)
-    train = manifests["train"]
     # the whole lineage on the parent run, stages reused from earlier runs too: one request
     tags = {f"ssl_pipeline.{m['stage']}.{k}": m[k] for m in manifests.values() for k in ("digest", "mlflow_run_id")}
-    tracking.client().log_batch(parent, tags=[RunTag(k, v) for k, v in {
-        **tags, "ssl_pipeline.model_uri": train["model_uri"]}.items()])
+    if "train" in manifests:
+        tags["ssl_pipeline.model_uri"] = manifests["train"]["model_uri"]
+    tracking.client().log_batch(parent, tags=[RunTag(k, v) for k, v in tags.items()])
     tracking.end_run(parent, ok=True)
-    summary = {"mlflow_run_id": parent, "mlflow_run_url": tracking.run_url(parent),
-               "model_uri": train["model_uri"], "val_loss": train["val_loss"], "ln_vocab": train["ln_vocab"],
-               "run_dir": str(run_dir)}
+    summary = {"mlflow_run_id": parent, "mlflow_run_url": tracking.run_url(parent), "run_dir": str(run_dir),
+               "stages": {stage: {k: m[k] for k in STAGE_SUMMARY if k in m} for stage, m in manifests.items()}}
+    if "train" not in manifests:
+        return Completed(message=f"stopped after {until}", data=summary)
+    train = manifests["train"]
+    summary.update(model_uri=train["model_uri"], val_loss=train["val_loss"], ln_vocab=train["ln_vocab"])
     message = f"val_loss {train['val_loss']:.3f} (ln vocab {train['ln_vocab']:.3f})"
     if train.get("objective") == "contrastive":   # its val_loss is InfoNCE over the batch, not per token
         accuracy, chance = train["retrieval"]

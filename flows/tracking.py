@@ -46,13 +46,15 @@ def experiment_id(name: str) -> str:
 
 def _find_run(exp_id: str, flow_run_id: str, stage: str | None) -> str | None:
     where = f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'"
-    where += f" and tags.`{STAGE_TAG}` = '{stage}'" if stage else " and tags.`mlflow.parentRunId` IS NULL"
+    where += f" and tags.`{STAGE_TAG}` = '{stage}'" if stage else f" and tags.`{STAGE_TAG}` IS NULL"
     runs = client().search_runs([exp_id], where, order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0].info.run_id if runs else None
 
 
-def start_pipeline_run(cfg: PipelineConfig, flow_run_id: str, flow_run_name: str, config_yaml: str) -> str:
-    """The parent run of this Prefect flow run: created once, found again (and reopened) on retry."""
+def start_pipeline_run(cfg: PipelineConfig, flow_run_id: str, flow_run_name: str, config_yaml: str,
+                       run_name: str | None = None, parent_run_id: str | None = None) -> str:
+    """The parent run of this Prefect flow run: created once, found again (and reopened) on retry;
+    nested under ``parent_run_id`` (an ablation's run) when given."""
     c = client()
     exp = experiment_id(cfg.tracking.experiment)
     run_id = _find_run(exp, flow_run_id, None)
@@ -65,7 +67,8 @@ def start_pipeline_run(cfg: PipelineConfig, flow_run_id: str, flow_run_name: str
             c.set_tag(run_id, "ssl_pipeline.config_changed_on_retry", ", ".join(sorted(changed)))
             _log_text(run_id, config_yaml, f"config/retry-{len(c.list_artifacts(run_id, 'config'))}.yaml")
         return run_id
-    run = c.create_run(exp, run_name=f"pipeline-{flow_run_name}", tags={FLOW_RUN_TAG: flow_run_id})
+    tags = {FLOW_RUN_TAG: flow_run_id, **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
+    run = c.create_run(exp, run_name=run_name or f"pipeline-{flow_run_name}", tags=tags)
     run_id = run.info.run_id
     params = [Param(k, v[:6000]) for k, v in flatten(cfg).items()]
     for i in range(0, len(params), 100):

@@ -205,6 +205,11 @@ def train(model_cfg: ModelConfig, s: TrainSettings, shards_dir: str | Path, out_
         raise ValueError(f"model vocab_size {model_cfg.vocab_size} < tokenizer's {train_data.vocab_size}")
     T = model_cfg.block_size
     val_batches = val_data.fixed_batches(s.batch_size, T, s.eval_batches)
+    # the evaluation documents, tokenized (the tokenize stage writes them when it has them): their
+    # loss at every evaluation, and bits per byte, is the curve that compares trainings on other data
+    heldout = train_data.meta["splits"].get("heldout", {})
+    heldout_batches = (TokenShards(shards_dir, "heldout").fixed_batches(s.batch_size, T, s.eval_batches)
+                       if heldout.get("tokens", 0) > T and heldout.get("bytes") and s.objective == "causal" else None)
     loader = Batches(train_data, T, s.batch_size, s.seed, rank, world)
 
     torch.manual_seed(s.seed)  # the same initial weights on every rank
@@ -250,6 +255,9 @@ def train(model_cfg: ModelConfig, s: TrainSettings, shards_dir: str | Path, out_
     def evaluate() -> dict:
         objective.eval()
         metrics = objective.evaluate(val_batches, device, autocast)
+        if heldout_batches:
+            loss = objective.evaluate(heldout_batches, device, autocast)["val_loss"]
+            metrics.update(heldout_loss=loss, heldout_bpb=loss * heldout["tokens"] / heldout["bytes"] / math.log(2))
         if tokenizer is not None and rank == 0:
             prompt = val_batches[0][0][:1, :8].to(device)
             with autocast():

@@ -689,6 +689,7 @@ def evaluate_task(ctx: dict, section: dict, inputs: list[dict], run_id: str) -> 
     manifest = {"stage": "evaluate", "dir": str(out), "rows": report["heldout_docs"], "input_rows": report["heldout_docs"],
                 "dropped": 0, "reasons": {}, "digest": digest, "bytes": (out / "report.json").stat().st_size,
                 "seconds": report["seconds"], "suite": report["suite"], "tasks": report["tasks"],
+                "suite_digest": (report["suite"] or {}).get("digest"),
                 "headline": headline(report["models"]["model"]["scores"]),
                 "headline_text": headline_text(report), "table": table_text(report)}
     return manifest, {}

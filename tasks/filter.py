@@ -778,7 +778,7 @@ def build_filters(cfg) -> list[Filter]:
              ("gopher_quality", cfg.gopher_quality, gopher_quality_scores, gopher_quality_rules),
              ("c4", cfg.c4, c4_scores, c4_rules),
              ("fineweb", cfg.fineweb, fineweb_scores, fineweb_rules)]
-    return [Filter(name, c, scores, rules(c)) for name, c, scores, rules in table if c.enabled]
+    return [Filter(name, c, scores, rules(c)) for name, c, scores, rules in table if c.enabled and cfg.enabled]
 
 
 def judge(doc: Doc, filters: list[Filter]) -> tuple[dict[str, Any], str | None]:
