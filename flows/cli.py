@@ -61,7 +61,8 @@ def cmd_run(args) -> int:
     if cfg.evaluate.enabled and cfg.evaluate.tasks:   # before hours of training: are their datasets here?
         from tasks import evaluate
         try:
-            evaluate.load_tasks(cfg.evaluate.tasks, evaluate.task_manager(cfg.evaluate.include_path, cfg.evaluate.tasks))
+            evaluate.load_tasks(cfg.evaluate.tasks,
+                                evaluate.task_manager(cfg.evaluate.include_path, cfg.evaluate.tasks))
         except evaluate.TaskDataMissing as e:
             print(f"ssl-pipeline: evaluate.tasks: {e}", file=sys.stderr)
             return 2

@@ -267,7 +267,7 @@ class TokenizeConfig(Section):
 
 class DecontaminateConfig(Section):
     enabled: bool = Field(True, description="Drop every training document that shares an n-gram with an evaluation "
-                                            "document (false: no n-gram check; held-out documents are still set aside).")
+                                            "document (false: no n-gram check; held-out documents still set aside).")
     ngram: int = Field(13, ge=5, description="Words per n-gram (13, as GPT-3), of the text normalized as dedup does.")
     heldout_fraction: float = Field(0.05, ge=0, lt=1, description="Fraction of documents kept out of the tokenizer "
                                                                   "and the model, as text for the evaluate stage's "

@@ -128,15 +128,19 @@ class EvalIndex:
         self.parts.append(h)
         self.owners.append((set_name, doc_id))
 
-    def save(self, path: Path) -> None:
+    def save(self, folder: Path) -> Path:
+        """The sorted distinct hashes as a .npy file named by its content (a worker that outlives the
+        stage, on Dask, never maps an earlier run's index); its path."""
         h = np.concatenate(self.parts) if self.parts else np.zeros(0, dtype=np.uint64)
         owner = np.repeat(np.arange(len(self.parts)), [len(p) for p in self.parts])
         order = np.argsort(h, kind="stable")            # the first owner of a hash first
         h, owner = h[order], owner[order]
         first = np.r_[True, h[1:] != h[:-1]] if len(h) else np.zeros(0, dtype=bool)
         self.hashes, self.owner = h[first], owner[first]
-        np.save(path, self.hashes)
         self.parts = []
+        path = folder / f".eval-ngrams-{hashlib.sha256(self.hashes.tobytes()).hexdigest()[:16]}.npy"
+        np.save(path, self.hashes)
+        return path
 
     def owner_of(self, h: int) -> tuple[str, str | None]:
         return self.owners[int(self.owner[np.searchsorted(self.hashes, np.uint64(h))])]
@@ -194,12 +198,12 @@ def decontaminate(cfg: DecontaminateConfig, docs: dict, stage_dir: str | Path, e
             tqdm(total=docs["rows"], desc="decontaminate", unit="doc") as bar:
         pq.write_table(pa.Table.from_pylist(aside, schema=HELDOUT_SCHEMA), w.tmp / "heldout.parquet")
         w.row_digests["heldout"] = [row_digest(r) for r in aside]   # the suite's text: in the digest too
-        index.save(w.tmp / ".eval-ngrams.npy")
+        index_path = index.save(w.tmp)
         scan_t0, spread = time.time(), {}
         rows = (r for r in iter_rows(docs) if r["doc_id"] not in held)
         if cfg.enabled and len(index.hashes):
             with shard_pool(runner, "decontaminate", cfg.processes) as pool:
-                path = str(w.tmp / ".eval-ngrams.npy")   # Dask workers share the file system, as dedup's do
+                path = str(index_path)   # Dask workers share the file system, as dedup's do
                 batches = batched(rows, DASK_BATCH if isinstance(pool, DaskShards) else BATCH,
                                   docs["rows"] - len(held), pool.width)
                 submit = lambda b: pool.submit(scan_batch, [r["text"] for r in b], path, cfg.ngram)  # noqa: E731
@@ -223,7 +227,7 @@ def decontaminate(cfg: DecontaminateConfig, docs: dict, stage_dir: str | Path, e
             if r["doc_id"] in held:
                 w.drop({**r, **none}, "held_out")
                 bar.update(1)
-        (w.tmp / ".eval-ngrams.npy").unlink()
+        index_path.unlink()
         scanned = docs["rows"] - len(held)
         w.extra = {"seconds": round(time.time() - t0, 3), "input_rows": docs["rows"], "heldout": "heldout.parquet",
                    "heldout_docs": len(held), "eval_docs": len(aside), "eval_source_docs": len(evaluation),

@@ -143,4 +143,5 @@ def test_the_local_data_of_a_named_lm_eval_task_decontaminates(stages, base, tmp
 def test_disabled_only_holds_out(stages, tmp_path):
     m = decontaminate(DecontaminateConfig(enabled=False), stages["dedup"], tmp_path / "decontaminate")
     assert m["reasons"] == {"held_out": stages["decontaminate"]["heldout_docs"]} and m["eval_ngrams"] == 0
-    assert m["digest"] == decontaminate(DecontaminateConfig(enabled=False), stages["dedup"], tmp_path / "again")["digest"]
+    again = decontaminate(DecontaminateConfig(enabled=False), stages["dedup"], tmp_path / "again")
+    assert m["digest"] == again["digest"]

@@ -39,7 +39,8 @@ def heldout(stages, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shards(heldout, tmp_path_factory):
-    return tokenize(TokenizeConfig(vocab_size=1024, val_fraction=0.1), heldout, tmp_path_factory.mktemp("tok") / "tokenize")
+    return tokenize(TokenizeConfig(vocab_size=1024, val_fraction=0.1), heldout,
+                    tmp_path_factory.mktemp("tok") / "tokenize")
 
 
 def trained(shards: dict, out: Path, objective: str, steps: int, **settings) -> dict:

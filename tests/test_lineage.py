@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from tasks.shards import read_manifest, read_table, sha256_file
 from tests.conftest import run_cli
-from tests.test_e2e import DATA_STAGES, STAGES, flow_run_id, parent_runs, stage_runs, write_config
+from tests.test_e2e import DATA_STAGES, flow_run_id, parent_runs, stage_runs, write_config
 
 pytestmark = pytest.mark.e2e
 EXPERIMENT, MODEL = "lineage", "lineage-gpt"
