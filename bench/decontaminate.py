@@ -16,6 +16,7 @@ Prints JSON and writes it to --out.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -44,7 +45,7 @@ def doc_table(rows: list[dict], path: Path) -> dict:
     """The corpus rows as a stage manifest of documents (the extract stage's schema)."""
     with StageWriter("filter", path, DOC_SCHEMA) as w:
         for r in rows:
-            w.keep({"doc_id": f"{r['id']:032d}", "source": r["source"], "url": f"bench://{r['source']}/{r['id']}",
+            w.keep({"doc_id": hashlib.sha256(r["id"].encode()).hexdigest()[:32], "source": r["source"], "url": r["id"],
                     "fetched_at": None, "content_sha256": None, "title": None, "date": None, "hostname": None,
                     "language": None, "text": r["text"]})
     return w.manifest

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -33,7 +34,7 @@ from tasks.dedup import normalize
 from tasks.harness import TaskDataMissing, load_tasks, task_documents, task_manager
 from tasks.shards import StageWriter, iter_rows, read_schema, row_digest, with_fields
 from tasks.stage import stage_dir, stage_task
-from tasks.workers import DaskShards, batched, in_order, pool_extra, shard_pool
+from tasks.workers import DaskShards, batched, ensure_forkserver, in_order, on_dask, pool_extra, shard_pool
 
 log = logging.getLogger(__name__)
 MIN_HELDOUT = 2               # documents held out at least (of 10 or more): the evaluate suite's
@@ -43,6 +44,7 @@ DROPPED_FIELDS = [pa.field("contaminated_by", pa.string()), pa.field("eval_doc_i
                   pa.field("ngram", pa.string())]
 FOLD = np.uint64(0x9E3779B97F4A7C15)   # n-gram hash: h = h * FOLD + word key, mod 2^64
 BATCH, DASK_BATCH = 256, 1024          # documents per shard of work
+EVAL_BATCH = 32                        # evaluation documents per shard of work (hashing)
 
 
 def split_hash(doc_id: str, seed: int) -> float:
@@ -110,6 +112,11 @@ def scan_batch(texts: list[str], index_path: str, n: int) -> list[tuple[int, str
     return out
 
 
+def hash_texts(texts: list[str], n: int) -> list[np.ndarray]:
+    """Worker: the hashes of every n-gram of each text."""
+    return [ngram_hashes(word_keys(words(t)), n) for t in texts]
+
+
 class EvalIndex:
     """The n-grams of the evaluation documents: their sorted hashes (a .npy file for the workers)
     and, per hash, the first evaluation set and document that has it."""
@@ -119,9 +126,9 @@ class EvalIndex:
         self.docs: dict[str, int] = {}
         self.too_short = 0
 
-    def add(self, set_name: str, doc_id: str | None, text: str) -> None:
+    def add(self, set_name: str, doc_id: str | None, h: np.ndarray) -> None:
+        """An evaluation document, by the hashes of its n-grams (``hash_texts``)."""
         self.docs[set_name] = self.docs.get(set_name, 0) + 1
-        h = ngram_hashes(word_keys(words(text)), self.n)
         if not len(h):
             self.too_short += 1
             return
@@ -142,8 +149,10 @@ class EvalIndex:
         np.save(path, self.hashes)
         return path
 
-    def owner_of(self, h: int) -> tuple[str, str | None]:
-        return self.owners[int(self.owner[np.searchsorted(self.hashes, np.uint64(h))])]
+    def owners_of(self, hashes: list[int]) -> list[tuple[str, str | None]]:
+        """(set, doc_id) of the first evaluation document with each of these (indexed) hashes."""
+        at = np.searchsorted(self.hashes, np.array(hashes, dtype=np.uint64))
+        return [self.owners[i] for i in self.owner[at].tolist()]
 
 
 def harness_documents(names: list[str], include_path: list[str]) -> dict[str, list[tuple[str, str]]]:
@@ -169,8 +178,9 @@ def decontaminate(cfg: DecontaminateConfig, docs: dict, stage_dir: str | Path, e
     """Run the stage over the dedup manifest ``docs``, with the evaluation documents of the manifest
     ``eval_docs`` (any stage's: doc_id, url, source, text); returns its manifest."""
     t0 = time.time()
-    ids = list(iter_rows(docs, columns=["doc_id"]))
-    ids = [r["doc_id"] for r in ids]
+    if cfg.enabled and not on_dask(runner):
+        ensure_forkserver()   # the workers' server starts while the index is built
+    ids = [r["doc_id"] for r in iter_rows(docs, columns=["doc_id"])]
     held = heldout_ids(ids, cfg.heldout_fraction, cfg.seed)
     cols = HELDOUT_SCHEMA.names
     evaluation = {r["doc_id"]: r for r in iter_rows(eval_docs, columns=cols)} if eval_docs else {}
@@ -180,53 +190,58 @@ def decontaminate(cfg: DecontaminateConfig, docs: dict, stage_dir: str | Path, e
         if held else {}
     aside = sorted({**heldout, **evaluation}.values(), key=lambda r: r["doc_id"])
 
-    index = EvalIndex(cfg.ngram)
     task_docs = harness_documents(cfg.tasks or [], cfg.include_path or []) if cfg.enabled else {}
-    if cfg.enabled:
-        for r in sorted(heldout.values(), key=lambda r: r["doc_id"]):
-            index.add("heldout", r["doc_id"], r["text"])
-        for r in sorted(evaluation.values(), key=lambda r: r["doc_id"]):
-            index.add("eval_sources", r["doc_id"], r["text"])
-        for name, items in task_docs.items():
-            for doc_id, text in items:
-                index.add(f"task:{name}", doc_id, text)
+    evals = [("heldout", r["doc_id"], r["text"]) for r in sorted(heldout.values(), key=lambda r: r["doc_id"])]
+    evals += [("eval_sources", r["doc_id"], r["text"]) for r in sorted(evaluation.values(), key=lambda r: r["doc_id"])]
+    evals += [(f"task:{name}", doc_id, text) for name, items in task_docs.items() for doc_id, text in items]
     schema = read_schema(docs)
     dropped_schema = with_fields(schema, [*DROPPED_FIELDS, pa.field("reason", pa.string())])
     none = {"contaminated_by": None, "eval_doc_id": None, "ngram": None}
     by_set: dict[str, int] = {}
+    index = EvalIndex(cfg.ngram)
     with StageWriter("decontaminate", stage_dir, schema, dropped_schema) as w, \
-            tqdm(total=docs["rows"], desc="decontaminate", unit="doc") as bar:
+            tqdm(total=docs["rows"], desc="decontaminate", unit="doc") as bar, \
+            (shard_pool(runner, "decontaminate", cfg.processes) if cfg.enabled else contextlib.nullcontext()) as pool:
         pq.write_table(pa.Table.from_pylist(aside, schema=HELDOUT_SCHEMA), w.tmp / "heldout.parquet")
         w.row_digests["heldout"] = [row_digest(r) for r in aside]   # the suite's text: in the digest too
+        dask = isinstance(pool, DaskShards)
+        if pool is not None:   # the evaluation documents' n-grams, hashed in the workers
+            parts = batched(evals, EVAL_BATCH, len(evals), pool.width)
+            for part, hashes in in_order(pool, parts, lambda b: pool.submit(hash_texts, [t for *_, t in b], cfg.ngram)):
+                for (set_name, doc_id, _), h in zip(part, hashes):
+                    index.add(set_name, doc_id, h)
         index_path = index.save(w.tmp)
-        scan_t0, spread = time.time(), {}
-        rows = (r for r in iter_rows(docs) if r["doc_id"] not in held)
-        if cfg.enabled and len(index.hashes):
-            with shard_pool(runner, "decontaminate", cfg.processes) as pool:
-                path = str(index_path)   # Dask workers share the file system, as dedup's do
-                batches = batched(rows, DASK_BATCH if isinstance(pool, DaskShards) else BATCH,
-                                  docs["rows"] - len(held), pool.width)
-                submit = lambda b: pool.submit(scan_batch, [r["text"] for r in b], path, cfg.ngram)  # noqa: E731
-                for batch, found in in_order(pool, batches, submit):
-                    for row, hit in zip(batch, found):
-                        if hit is None:
-                            w.keep(row)
-                            continue
-                        set_name, eval_id = index.owner_of(hit[0])
-                        by_set[set_name] = by_set.get(set_name, 0) + 1
-                        w.drop({**row, "contaminated_by": set_name, "eval_doc_id": eval_id, "ngram": hit[1]},
-                               "contaminated")
-                    bar.update(len(batch))
-                spread = pool_extra(pool)
+        scan_t0 = time.time()
+
+        def training_rows():   # the held-out ones set aside on the way
+            for r in iter_rows(docs):
+                if r["doc_id"] not in held:
+                    yield r
+                    continue
+                w.drop({**r, **none}, "held_out")
+                bar.update(1)
+        rows = training_rows()
+        if pool is not None and len(index.hashes):
+            path = str(index_path)   # Dask workers share the file system, as dedup's do
+            batches = batched(rows, DASK_BATCH if dask else BATCH, docs["rows"] - len(held), pool.width)
+            submit = lambda b: pool.submit(scan_batch, [r["text"] for r in b], path, cfg.ngram)  # noqa: E731
+            for batch, found in in_order(pool, batches, submit):
+                owners = iter(index.owners_of([hit[0] for hit in found if hit]))
+                for row, hit in zip(batch, found):
+                    if hit is None:
+                        w.keep(row)
+                        continue
+                    set_name, eval_id = next(owners)
+                    by_set[set_name] = by_set.get(set_name, 0) + 1
+                    w.drop({**row, "contaminated_by": set_name, "eval_doc_id": eval_id, "ngram": hit[1]},
+                           "contaminated")
+                bar.update(len(batch))
         else:
             for row in rows:
                 w.keep(row)
                 bar.update(1)
+        spread = pool_extra(pool) if pool is not None else {}
         scan_s = time.time() - scan_t0
-        for r in iter_rows(docs):   # the held-out ones, in input order
-            if r["doc_id"] in held:
-                w.drop({**r, **none}, "held_out")
-                bar.update(1)
         index_path.unlink()
         scanned = docs["rows"] - len(held)
         w.extra = {"seconds": round(time.time() - t0, 3), "input_rows": docs["rows"], "heldout": "heldout.parquet",
