@@ -660,8 +660,10 @@ def pipeline_suite(spec: str, cache: Path) -> tuple[Path | None, list[dict]]:
         if (dst / "suite").is_dir():
             relocate_suite(dst / "suite")
             suite = dst / "suite"
-    if tags.get("ssl_pipeline.decontaminate.mlflow_run_id"):   # the stage that set the documents aside
-        m = mlflow.artifacts.load_dict(f"runs:/{tags['ssl_pipeline.decontaminate.mlflow_run_id']}/manifest.json")
+    # the stage that set the documents aside (tokenize, in runs made before decontaminate existed)
+    stage = next((s for s in ("decontaminate", "tokenize") if tags.get(f"ssl_pipeline.{s}.mlflow_run_id")), None)
+    if stage:
+        m = mlflow.artifacts.load_dict(f"runs:/{tags[f'ssl_pipeline.{stage}.mlflow_run_id']}/manifest.json")
         if m.get("heldout") and (Path(m["dir"]) / m["heldout"]).is_file():
             docs = read_heldout(m)
     return suite, docs
