@@ -85,3 +85,14 @@ def test_decontaminate_checks_against_the_evaluate_tasks_unless_told_otherwise()
     assert cfg.decontaminate.tasks == ["arc_easy"] and cfg.decontaminate.include_path == ["/tmp/my-tasks"]
     assert cfg.decontaminate.handoff()["tasks"] == ["arc_easy"]   # the stage's section (its cache key) says so
     assert load_config(None, ["evaluate.tasks=[arc_easy]", "decontaminate.tasks=[]"]).decontaminate.tasks == []
+
+
+def test_evaluation_sources_are_read_as_collect_reads_them():
+    from flows.config import CollectConfig, EvaluateConfig
+    ev = EvaluateConfig(sources=["https://example.org/docs/", "https://example.org/sitemap.xml", "/data/a.warc.gz",
+                                 "s3://bucket/eval.parquet", "/data/pages"])
+    c = ev.collect_section(CollectConfig(max_pages=7))
+    assert (c.start_urls, c.sitemaps, c.warc_files, c.paths) == (["https://example.org/docs/"],
+                                                                 ["https://example.org/sitemap.xml"],
+                                                                 ["/data/a.warc.gz"], ["/data/pages"])
+    assert [t.path for t in c.tables] == ["s3://bucket/eval.parquet"] and c.pydoc_modules == [] and c.max_pages == 7
