@@ -39,7 +39,7 @@ TASKS = "ssl_heldout_bpb,ssl_continuation,ssl_cloze"
 def ours(hf: str, suite: str, out: str) -> None:
     from tasks import evaluate as ev
     ev.quiet_harness()
-    loaded = ev.load_tasks(TASKS.split(","), ev.task_manager(suite, False))
+    loaded = ev.load_tasks(TASKS.split(","), ev.task_manager([suite]))
     r = ev.evaluate_hf(hf, loaded, 32, "cpu", None)
     Path(out).write_text(json.dumps({"results": r["results"]["results"], "scores": r["scores"]}))
 

@@ -57,7 +57,7 @@ def tasks_available(cfg) -> bool:
     if cfg.evaluate.enabled and cfg.evaluate.tasks:
         from tasks import evaluate
         try:
-            evaluate.load_tasks(cfg.evaluate.tasks, evaluate.task_manager(None, True))
+            evaluate.load_tasks(cfg.evaluate.tasks, evaluate.task_manager(cfg.evaluate.include_path, cfg.evaluate.tasks))
         except evaluate.TaskDataMissing as e:
             print(f"ssl-pipeline: evaluate.tasks: {e}", file=sys.stderr)
             return False

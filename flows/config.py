@@ -264,17 +264,22 @@ class TokenizeConfig(Section):
     vocab_size: int = Field(8192, ge=300, le=1_000_000, description="BPE vocabulary size, special tokens included.")
     min_frequency: int = Field(2, ge=1, description="Merges need at least this many occurrences.")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Fraction of documents held out for validation.")
+    seed: int = Field(0, description="Seed of the train/validation split (by doc_id hash).")
+
+
+class DecontaminateConfig(Section):
+    enabled: bool = Field(True, description="Drop every training document that shares an n-gram with an evaluation "
+                                            "document (false: no n-gram check; held-out documents still set aside).")
+    ngram: int = Field(13, ge=5, description="Words per n-gram (13, as GPT-3), of the text normalized as dedup does.")
     heldout_fraction: float = Field(0.05, ge=0, lt=1, description="Fraction of documents kept out of the tokenizer "
                                                                   "and the model, as text for the evaluate stage's "
                                                                   "suite (by doc_id hash).")
-    seed: int = Field(0, description="Seed of the train/validation/held-out split (by doc_id hash).")
-
-    @model_validator(mode="after")
-    def _splits_leave_training(self) -> "TokenizeConfig":
-        if self.val_fraction + self.heldout_fraction >= 1:
-            raise ValueError(f"val_fraction {self.val_fraction} + heldout_fraction {self.heldout_fraction} "
-                             "leave no documents to train on")
-        return self
+    seed: int = Field(0, description="Seed of the held-out selection (by doc_id hash: the top of its range).")
+    tasks: list[str] | None = Field(None, description="lm-eval tasks whose local data are evaluation documents too "
+                                                      "(null: evaluate.tasks); one whose data is missing is skipped.")
+    include_path: list[str] | None = Field(None, description="Folders of lm-eval task files those tasks may be in "
+                                                             "(null: evaluate.include_path).")
+    processes: int | None = Field(None, ge=1, description="Worker processes for the n-gram pass (null: one per core).")
 
 
 PRESET_KEYS = frozenset(k for shape in PRESETS.values() for k in shape)   # the fields a preset sets
@@ -354,6 +359,13 @@ class EvaluateConfig(Section):
                                                    "documents (a standard error shrinks as 1/sqrt(items)).")
     tasks: list[str] = Field([], description="lm-evaluation-harness tasks by name (hellaswag, arc_easy, piqa, ...), "
                                              "scored where their datasets are in the Hugging Face datasets cache.")
+    include_path: list[str] = Field([], description="Folders of your own lm-eval task files (YAML), whose tasks "
+                                                     "can then be named in tasks.")
+    sources: list[str] = Field([], description="Sources whose pages are evaluation documents, collected and extracted "
+                                               "on their own, in the suite, and kept out of training (decontaminate): "
+                                               "what collect reads, each by its form: an http(s) URL to crawl, a "
+                                               "sitemap .xml URL, a WARC/WET file, a Parquet/JSON Lines table (text "
+                                               "column 'text'), or a local .html/.txt file or folder.")
     limit: int | None = Field(None, ge=1, description="Items per named task at most (null: all of them).")
     untrained: bool = Field(True, description="Score an untrained model of the same shape too: chance, measured.")
     baselines: list[str] = Field([], description="Other models scored on the same tasks: Hugging Face folders, "
@@ -362,10 +374,26 @@ class EvaluateConfig(Section):
     device: str = Field("auto", description="'auto' (CUDA if present, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
     seed: int = Field(0, description="Seed of the suite's distractors, the untrained model and the probe's split.")
 
+    def collect_section(self, collect: CollectConfig) -> CollectConfig:
+        """``collect`` reading ``sources`` instead of its own sources (its other settings kept)."""
+        found: dict[str, list] = {"start_urls": [], "sitemaps": [], "warc_files": [], "tables": [], "paths": []}
+        for spec in self.sources:
+            name = urlsplit(spec).path.lower().removesuffix(".gz")
+            web = spec.startswith(("http://", "https://"))
+            kind = ("warc_files" if name.endswith((".warc", ".wet")) else
+                    "tables" if name.endswith((".parquet", ".jsonl", ".json")) else
+                    "sitemaps" if web and name.endswith(".xml") else "start_urls" if web else "paths")
+            found[kind].append({"path": spec} if kind == "tables" else spec)
+        return CollectConfig.model_validate({**collect.model_dump(), **found, "url_lists": [], "pydoc_modules": []})
+
     @model_validator(mode="after")
     def _something_to_score(self) -> "EvaluateConfig":
         if self.enabled and not self.suite and not self.tasks:
             raise ValueError("evaluate has nothing to score: set suite: true or name tasks (or enabled: false)")
+        try:
+            self.collect_section(CollectConfig())
+        except ValidationError as e:
+            raise ValueError(f"sources: {e.errors()[0]['msg']}") from None
         return self
 
 
@@ -418,13 +446,24 @@ class PipelineConfig(Section):
     extract: ExtractConfig = Field(default_factory=ExtractConfig, description="Stage 2: extract main text.")
     filter: FilterConfig = Field(default_factory=FilterConfig, description="Stage 3: quality filters.")
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="Stage 4: deduplication.")
-    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig, description="Stage 5: tokenizer and shards.")
-    train: TrainConfig = Field(default_factory=TrainConfig, description="Stage 6: pretraining.")
-    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Stage 7: evaluation.")
+    decontaminate: DecontaminateConfig = Field(default_factory=DecontaminateConfig,
+                                               description="Stage 5: held-out documents and decontamination.")
+    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig, description="Stage 6: tokenizer and shards.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Stage 7: pretraining.")
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Stage 8: evaluation.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow names.")
     cache: CacheConfig = Field(default_factory=CacheConfig, description="Reuse of finished stages.")
     runner: RunnerConfig = Field(default_factory=RunnerConfig, description="Where stages run.")
     notify: NotifyConfig = Field(default_factory=NotifyConfig, description="Failure notices.")
+
+    @model_validator(mode="after")
+    def _decontaminate_against_evaluate(self) -> "PipelineConfig":
+        """decontaminate's null tasks and include_path mean evaluate's: filled in, so that the
+        stage's section (and its cache key) says which tasks it checked against."""
+        for key in ("tasks", "include_path"):
+            if getattr(self.decontaminate, key) is None:
+                self.decontaminate.__dict__[key] = list(getattr(self.evaluate, key))
+        return self
 
 
 def _set(tree: dict, dotted: str, value: Any) -> None:

@@ -30,7 +30,7 @@ from flows.tracking import FLOW_RUN_TAG, STAGE_TAG, client, reasons_text
 from tasks.shards import read_schema, read_table
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # manifests are tiny
-STAGES = ("collect", "extract", "filter", "dedup", "tokenize", "train")
+STAGES = ("collect", "extract", "filter", "dedup", "decontaminate", "tokenize", "train")
 PARENT_TAG = "mlflow.parentRunId"
 BULKY = {"html", "text"}                      # never read here
 IDENTITY = {"doc_id", "source", "url", "fetched_at", "status", "content_sha256", "record_id", "reason"}
@@ -126,6 +126,9 @@ def chain(run: Run) -> list[dict]:
         problems = [] if Path(m["dir"]).is_dir() else [f"data folder {m['dir']} is gone"]
         if not outputs or outputs[0]["digest"] != m["digest"] or outputs[0]["mlflow_digest"] != m["digest"][:36]:
             problems.append("the logged output dataset's digest differs from manifest.json")
+        # the stage before it in the chain (decontaminate also reads the evaluation sources' extract)
+        before = STAGES[STAGES.index(stage) - 1] if STAGES.index(stage) else None
+        inputs = sorted(inputs, key=lambda d: d["name"] != before)
         links.append({"stage": stage, "run": run, "manifest": m, "output": outputs[0] if outputs else None,
                       "input": inputs[0] if inputs else None, "problems": problems})
         run = producer(run, inputs[0]) if inputs else None
@@ -244,16 +247,17 @@ def sources(links: list[dict]) -> dict:
     if "collect" not in by_stage:
         return {"datasets": [], "documents": []}
     counts: dict[str, dict] = {}
-    for stage in ("collect", "extract", "filter", "dedup"):
+    for stage in ("collect", "extract", "filter", "dedup", "decontaminate"):
         if stage in by_stage and Path(by_stage[stage]["manifest"]["dir"]).is_dir():
             m = by_stage[stage]["manifest"]
             for kind in ("kept", "dropped"):
                 for source, n in counts_by_source(m, kind == "dropped").items():
                     counts.setdefault(source, {"source": source, "kept": {}, "dropped": {}})[kind][stage] = n
-    if "tokenize" in by_stage and "dedup" in by_stage and Path(by_stage["dedup"]["manifest"]["dir"]).is_dir():
+    before = by_stage.get("decontaminate") or by_stage.get("dedup")
+    if "tokenize" in by_stage and before and Path(before["manifest"]["dir"]).is_dir():
         tok = by_stage["tokenize"]["manifest"]
         ids = {r["doc_id"] for p in shard_paths(tok) for r in pq.read_table(p, columns=["doc_id"]).to_pylist()}
-        docs = read_table(by_stage["dedup"]["manifest"], columns=["doc_id", "source"]).to_pylist()
+        docs = read_table(before["manifest"], columns=["doc_id", "source"]).to_pylist()
         for source, n in Counter(d["source"] for d in docs if d["doc_id"] in ids).items():
             counts.setdefault(source, {"source": source, "kept": {}, "dropped": {}})["kept"]["tokenize"] = n
     return {"datasets": [{k: d[k] for k in ("name", "source_type", "source")}
@@ -316,7 +320,7 @@ def fate(doc: dict, links: dict) -> dict:
     """Follow one collected document through the stages this run has."""
     doc.update(stages=["collect"], fate="kept")
     previous = links["collect"]["manifest"]
-    for stage in ("extract", "filter", "dedup"):
+    for stage in ("extract", "filter", "dedup", "decontaminate"):
         if stage not in links:
             doc["note"] = f"the pipeline run has no {stage} stage: it stopped after {doc['stages'][-1]}"
             return doc
@@ -330,6 +334,10 @@ def fate(doc: dict, links: dict) -> dict:
             doc.update(fate="missing", note=f"neither kept nor dropped by {stage}")
             return doc
         row = dropped[0]
+        if row["reason"] == "held_out":   # set aside as text for the evaluate stage's suite
+            doc["stages"].append(stage)
+            doc.update(fate="held_out", heldout={"file": m.get("heldout", "heldout.parquet"), "dir": m["dir"]})
+            return doc
         doc.update(fate="dropped", dropped_at=stage, reason=row["reason"], scores=added(row, previous))
         if row.get("duplicate_of"):
             survivor = lookup(shard_paths(m), "doc_id", [row["duplicate_of"]])
@@ -337,11 +345,8 @@ def fate(doc: dict, links: dict) -> dict:
         return doc
     if "tokenize" in links:
         tok = links["tokenize"]["manifest"]
-        hit = lookup(shard_paths(tok), "doc_id", [doc["doc_id"]])   # its Parquet files: the document indexes
-        if hit and "shard" not in hit[0]:   # held out of tokenizer and model: the evaluate stage's text
-            doc["stages"].append("tokenize")
-            doc["heldout"] = {"file": tok.get("heldout", "heldout.parquet"), "tokenize_dir": tok["dir"]}
-        elif hit:
+        hit = [r for r in lookup(shard_paths(tok), "doc_id", [doc["doc_id"]]) if "shard" in r]   # the doc indexes
+        if hit:
             sha = {f["path"]: f["sha256"] for f in tok["files"]}
             r = hit[0]
             doc["stages"].append("tokenize")
@@ -386,7 +391,7 @@ def format_lineage(r: dict) -> str:
                       for t in s["token_shards"]]
     lines += ["", "sources"]
     lines += [f"{'':<10} {d['source']}  ({d['source_type']})" for d in r["sources"]["datasets"]]
-    steps = ("collect", "extract", "filter", "dedup", "tokenize")
+    steps = ("collect", "extract", "filter", "dedup", "decontaminate", "tokenize")
     for c in r["sources"]["documents"]:
         lines.append(f"{'':<10} {c['source']}: " + ", ".join(
             f"{s} {c['kept'].get(s, 0)}" + (f" (-{c['dropped'][s]})" if c["dropped"].get(s) else "")
@@ -403,7 +408,8 @@ def format_why(r: dict) -> str:
         http = f", HTTP {d['status']}" if d["status"] else ""
         lines += [f"{d['url']}", f"  doc_id     {d['doc_id'] or '-'}  (pipeline run {r['pipeline_run_id']})",
                   f"  collected  {d['fetched_at']} from {d['source']}{http}"]
-        lines += [f"  {s:<10} kept" for s in d["stages"][1:] if s != "tokenize"]
+        lines += [f"  {s:<10} kept" for s in d["stages"][1:] if s != "tokenize" and not (s == "decontaminate"
+                                                                                    and "heldout" in d)]
         if d["fate"] == "dropped":
             lines.append(f"  {d['dropped_at']:<10} DROPPED: {d['reason']}")
             if "duplicate_of" in d:
@@ -412,7 +418,7 @@ def format_why(r: dict) -> str:
             shown = {k: v for k, v in d["scores"].items() if k.startswith(prefix)} or d["scores"]
             lines += [f"  {'':<10} {k} = {v}" for k, v in shown.items() if k != "duplicate_of"]
         elif "heldout" in d:
-            lines.append(f"  {'tokenize':<10} held out for evaluation ({d['heldout']['file']}): never tokenized, "
+            lines.append(f"  {'decontaminate':<10} held out for evaluation ({d['heldout']['file']}): never tokenized, "
                          "trained on or seen by the tokenizer")
         elif "tokens" in d:
             t = d["tokens"]

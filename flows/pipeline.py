@@ -1,4 +1,4 @@
-"""The pipeline flow: collect -> extract -> filter -> dedup -> tokenize -> train -> evaluate.
+"""The pipeline flow: collect -> extract -> filter -> dedup -> decontaminate -> tokenize -> train -> evaluate.
 
 Parameters are a config file path and ``section.key=value`` overrides; the file is read when
 the flow runs, so a retried run picks up a corrected file. Stages hand each other manifests.
@@ -22,6 +22,7 @@ from prefect.utilities.annotations import quote
 from flows import recovery, tracking
 from flows.config import ConfigError, PipelineConfig, load_config
 from tasks.collect import collect_task
+from tasks.decontaminate import decontaminate_task
 from tasks.dedup import dedup_task
 from tasks.evaluate import evaluate_task
 from tasks.extract import extract_task
@@ -31,8 +32,9 @@ from tasks.tokenize import tokenize_task
 from tasks.train import train_task
 from tasks.workers import dask_cluster
 
-STAGES = [("collect", collect_task), ("extract", extract_task), ("filter", filter_task),
-          ("dedup", dedup_task), ("tokenize", tokenize_task), ("train", train_task), ("evaluate", evaluate_task)]
+STAGES = [("collect", collect_task), ("extract", extract_task), ("filter", filter_task), ("dedup", dedup_task),
+          ("decontaminate", decontaminate_task), ("tokenize", tokenize_task), ("train", train_task),
+          ("evaluate", evaluate_task)]
 
 
 def stage_sections(cfg: PipelineConfig) -> dict[str, dict]:
@@ -45,6 +47,17 @@ def empty_stage_message(stage: str, manifest: dict) -> str:
     reasons = tracking.reasons_text(manifest["reasons"], "none recorded")
     return (f"{stage}: 0 documents left (in: {manifest.get('input_rows', manifest['dropped'])}, "
             f"dropped by reason: {reasons}). Its output is kept in {manifest['dir']}.")
+
+
+def eval_documents(ctx: dict, cfg: PipelineConfig, sections: dict[str, dict]) -> dict | None:
+    """The manifest of the evaluation documents of ``evaluate.sources`` (None without any): those
+    sources collected and extracted by the collect and extract stages, under <run>/eval_sources/."""
+    if not cfg.evaluate.sources:
+        return None
+    sub = {**ctx, "run_dir": str(Path(ctx["run_dir"]) / "eval_sources")}
+    collect = cfg.evaluate.collect_section(cfg.collect).handoff()
+    pages = prepared(collect_task, sub, collect, [])(sub, collect, [])
+    return prepared(extract_task, sub, sections["extract"], [pages])(sub, sections["extract"], [pages])
 
 
 def make_ctx(cfg: PipelineConfig, flow_run_id: str, parent_run_id: str, run_dir: Path) -> dict:
@@ -60,11 +73,13 @@ STAGE_SUMMARY = ("digest", "rows", "dir", "mlflow_run_id", "train_tokens", "trai
 
 
 @flow(name="ssl-pipeline", log_prints=True)
-def pipeline(config_path: str | None = None, overrides: list[str] | None = None, parent_run_id: str | None = None,
-             run_dir: str | None = None, until: str | None = None):
+def pipeline(config_path: str | None = None, overrides: list[str] | None = None, eval_docs: dict | None = None,
+             parent_run_id: str | None = None, run_dir: str | None = None, until: str | None = None):
     """From raw web pages to a pretrained model, every step recorded in MLflow.
 
-    ``parent_run_id``: the MLflow run this one nests under (an ablation's); ``run_dir``: the folder
+    ``eval_docs``: a manifest of evaluation documents (any stage's: doc_id, url, source, text),
+    which the suite includes and training excludes; default: those of evaluate.sources, collected
+    here. ``parent_run_id``: the MLflow run this one nests under (an ablation's); ``run_dir``: the folder
     of this run's stages (default ``<data_dir>/<flow run id>``); ``until``: the last stage to run."""
     log = get_run_logger()
     try:
@@ -94,10 +109,13 @@ def pipeline(config_path: str | None = None, overrides: list[str] | None = None,
         with dask_cluster(cfg.runner.handoff()) as ctx["runner"]:
             running = _collect_and_extract(ctx, sections)
             for stage, task in STAGES:
+                if stage == "decontaminate":
+                    eval_docs = eval_docs if eval_docs is not None else eval_documents(ctx, cfg, sections)
+                    inputs = inputs + ([eval_docs] if eval_docs else [])
                 if stage == "evaluate":
                     if not cfg.evaluate.enabled:
                         break
-                    inputs = [manifests["train"], manifests["tokenize"]]   # the model, the held-out documents
+                    inputs = [manifests["train"], manifests["decontaminate"]]   # the model, the held-out documents
                 if stage in running:
                     manifest = running[stage].result()
                 elif stage == "train" and cfg.runner.train_deployment:

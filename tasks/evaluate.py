@@ -1,8 +1,9 @@
 """Stage 7, evaluate: what the model learned, scored by lm-evaluation-harness.
 
-The default suite is built from the documents the tokenize stage held out (never seen by the
-tokenizer or the model) and written as ordinary lm-eval tasks, YAML over JSON Lines, that anyone
-with lm-eval can run again:
+The default suite is built from the documents the decontaminate stage set aside (held out by
+doc_id hash, and the pages of ``evaluate.sources``; never seen by the tokenizer or the model)
+and written as ordinary lm-eval tasks, YAML over JSON Lines, that anyone with lm-eval can run
+again:
 
 - ``ssl_heldout_bpb``: bits per byte (and word perplexity) of every held-out document
   (``loglikelihood_rolling``), comparable across tokenizers;
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import os
 import random
@@ -44,6 +44,7 @@ from ssl_model.checkpoint import load_checkpoint, load_model, model_from
 from ssl_model.config import ModelConfig
 from ssl_model.export import export_checkpoint, export_hf
 from ssl_model.model import GPT
+from tasks.harness import TaskDataMissing, load_tasks, quiet_harness, task_manager  # noqa: F401
 from tasks.probe import probe
 from tasks.shards import fresh_tmp_dir, publish_dir
 from tasks.stage import stage_dir, stage_task
@@ -73,19 +74,17 @@ TASK_YAML = {
 }
 
 
-class TaskDataMissing(RuntimeError):
-    """A named harness task whose dataset is not available here."""
-
-
 # -- the suite ---------------------------------------------------------------------------------
 
-def read_heldout(tokenize_manifest: dict) -> list[dict]:
-    """The documents tokenize held out, in doc_id order."""
-    name = tokenize_manifest.get("heldout")
+def read_heldout(manifest: dict) -> list[dict]:
+    """The evaluation documents the decontaminate stage set aside (held out, and those of
+    ``evaluate.sources``), in doc_id order."""
+    name = manifest.get("heldout")
     if not name:
-        raise ValueError(f"the token shards in {tokenize_manifest['dir']} hold no documents out for evaluation "
-                         "(written before tokenize.heldout_fraction existed): run the tokenize stage again")
-    return sorted(pq.read_table(Path(tokenize_manifest["dir"]) / name).to_pylist(), key=lambda r: r["doc_id"])
+        raise ValueError(f"the {manifest.get('stage', 'stage')} output in {manifest['dir']} holds no documents out "
+                         "for evaluation (its manifest has no 'heldout' file): give the evaluate stage the "
+                         "decontaminate stage's manifest, or raise decontaminate.heldout_fraction")
+    return sorted(pq.read_table(Path(manifest["dir"]) / name).to_pylist(), key=lambda r: r["doc_id"])
 
 
 def _spread(items: list, n: int) -> list:
@@ -169,7 +168,7 @@ def build_suite(docs: list[dict], folder: str | Path, max_items: int = 500, seed
     returns {"dir", "tasks", "items": {task: n}, "docs", "digest"}."""
     if len(docs) < 2:
         raise ValueError(f"{len(docs)} held-out document(s): the evaluate suite needs at least 2 "
-                         "(raise tokenize.heldout_fraction, or add documents)")
+                         "(raise decontaminate.heldout_fraction, or add documents)")
     folder = Path(folder)
     tmp = fresh_tmp_dir(folder)
     per_doc = max(1, -(-max_items // len(docs)))
@@ -179,7 +178,7 @@ def build_suite(docs: list[dict], folder: str | Path, max_items: int = 500, seed
     for task, rows in data.items():
         if not rows:
             raise ValueError(f"the {len(docs)} held-out documents are too short for {task} (passages of "
-                             f"{CONTEXT_WORDS + ENDING_WORDS} words): raise tokenize.heldout_fraction")
+                             f"{CONTEXT_WORDS + ENDING_WORDS} words): raise decontaminate.heldout_fraction")
         with open(tmp / f"{task}.jsonl", "w") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     write_task_yamls(tmp)
@@ -224,67 +223,6 @@ def suite_digest(folder: str | Path) -> str:
 
 
 # -- the harness -------------------------------------------------------------------------------
-
-def quiet_harness() -> None:
-    """lm-eval and datasets log every request batch at INFO; keep warnings."""
-    for name in ("lm-eval", "lm_eval", "datasets", "transformers"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    # a passage longer than the model's context is cut on the left, as lm-eval does: said once per item
-    logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
-
-
-def task_manager(suite_dir: str | Path | None, named: bool):
-    """lm-eval's task index: the suite's folder, and lm-eval's own tasks only when some are named
-    (indexing them all takes seconds)."""
-    from lm_eval.tasks import TaskManager
-    return TaskManager(include_path=str(suite_dir) if suite_dir else None, include_defaults=named)
-
-
-def load_tasks(names: list[str], manager) -> dict:
-    """lm-eval's loaded tasks ({"tasks", "groups", "group_map"}), their datasets read, zero-shot;
-    a task that is unknown, or whose dataset is not available here, raises TaskDataMissing naming
-    it and what to do."""
-    unknown = [n for n in names if n not in manager.all_tasks and n not in manager.all_groups]
-    if unknown:
-        raise TaskDataMissing(f"unknown lm-eval task(s) {', '.join(unknown)} (see `lm_eval ls tasks`)")
-    loaded: dict = {"tasks": {}, "groups": {}, "group_map": {}}
-    for name in names:
-        try:
-            part = manager.load([name])
-        except Exception as e:   # datasets raises ConnectionError, FileNotFoundError, ValueError, ...
-            entry = manager.task_index.get(name)
-            where = _dataset_of(entry.yaml_path if entry else None)
-            raise TaskDataMissing(
-                f"lm-eval task {name!r} needs the dataset {where or '(see its YAML)'}, which is not "
-                f"available here ({type(e).__name__}). Put it in the Hugging Face datasets cache "
-                f"({_hf_cache()}) on a machine with internet (python -c \"import datasets; "
-                f"datasets.load_dataset({', '.join(map(repr, (where or 'DATASET').split()))})\") and copy that "
-                "folder here, or drop the task from evaluate.tasks") from None
-        for k in loaded:
-            loaded[k].update(part.get(k) or {})
-    for task in loaded["tasks"].values():
-        if task.get_config("num_fewshot") is None:
-            task.set_config(key="num_fewshot", value=0)
-        task.set_fewshot_seed(seed=0)
-    return loaded
-
-
-def _dataset_of(yaml_path) -> str | None:
-    """'PATH NAME' of the dataset a task's YAML reads (following its include)."""
-    if not yaml_path:
-        return None
-    from lm_eval.tasks._yaml_loader import load_yaml
-    try:
-        cfg = load_yaml(yaml_path, resolve_func=False)   # includes followed
-    except Exception:
-        return None
-    return " ".join(str(x) for x in (cfg.get("dataset_path"), cfg.get("dataset_name")) if x) or None
-
-
-def _hf_cache() -> str:
-    from datasets import config
-    return str(config.HF_DATASETS_CACHE)
-
 
 def harness_model(hf_dir: str | Path, batch_size: int, device: str):
     from lm_eval.models.huggingface import HFLM
@@ -509,8 +447,10 @@ def probe_scores(m: dict, docs: list[dict], seed: int) -> dict:
     return out
 
 
-def evaluate_stage(cfg, train: dict, shards: dict, out: str | Path) -> dict:
-    """The evaluate stage without Prefect or MLflow: the suite from the held-out documents, the
+def evaluate_stage(cfg, train: dict, heldout: dict, out: str | Path) -> dict:
+    """The evaluate stage without Prefect or MLflow: ``train`` the train stage's manifest (its
+    ``checkpoint``, ``tokenizer``, ``model_config``), ``heldout`` the decontaminate stage's (the
+    evaluation documents it set aside). The suite from the held-out documents, the
     trained model, an untrained one of its shape and the baselines, scored; everything written to
     ``out`` (built beside it, renamed into place). Returns the report (also ``out/report.json``)."""
     t0 = time.time()
@@ -518,16 +458,17 @@ def evaluate_stage(cfg, train: dict, shards: dict, out: str | Path) -> dict:
     tmp = fresh_tmp_dir(out)
     try:
         quiet_harness()
-        docs = read_heldout(shards)
+        docs = read_heldout(heldout)
         objective = train.get("objective", "causal")
         causal = objective == "causal"
         suite = build_suite(docs, tmp / "suite", cfg.max_items, cfg.seed) if cfg.suite and causal else None
         if not causal and len(docs) < 2:
             raise ValueError(f"{len(docs)} held-out document(s): the probe needs at least 2 "
-                             "(raise tokenize.heldout_fraction)")
+                             "(raise decontaminate.heldout_fraction)")
         names = (list(SUITE) if suite else []) + (cfg.tasks if causal else [])
-        loaded = load_tasks(names, task_manager(tmp / "suite" if suite else None, bool(cfg.tasks))) if names else None
-        tokenizer = str(Path(shards["dir"]) / "tokenizer.json")
+        loaded = load_tasks(names, task_manager([tmp / "suite" if suite else None, *cfg.include_path], cfg.tasks)) \
+            if names else None
+        tokenizer = train["tokenizer"]
         model_cfg = ModelConfig.from_dict(train["model_config"])
         hf = Path(train["dir"]) / "hf"
         model = {"spec": train.get("model_uri") or train["checkpoint"], "objective": objective,
@@ -679,9 +620,9 @@ def log_report(run_id: str, report: dict, out: Path, model_uri: str | None, desc
 @stage_task("evaluate")
 def evaluate_task(ctx: dict, section: dict, inputs: list[dict], run_id: str) -> tuple[dict, dict]:
     cfg = EvaluateConfig.model_validate(section)
-    train, shards = inputs
+    train, heldout = inputs
     out = stage_dir(ctx, "evaluate")
-    report = evaluate_stage(cfg, train, shards, out)
+    report = evaluate_stage(cfg, train, heldout, out)
     log_report(run_id, report, out, train.get("model_uri"))
     create_table_artifact(key="evaluation", table=table(report),
                           description=f"Scores ± standard error: {headline_text(report)}")
@@ -720,8 +661,10 @@ def pipeline_suite(spec: str, cache: Path) -> tuple[Path | None, list[dict]]:
         if (dst / "suite").is_dir():
             relocate_suite(dst / "suite")
             suite = dst / "suite"
-    if tags.get("ssl_pipeline.tokenize.mlflow_run_id"):
-        m = mlflow.artifacts.load_dict(f"runs:/{tags['ssl_pipeline.tokenize.mlflow_run_id']}/manifest.json")
+    # the stage that set the documents aside (tokenize, in runs made before decontaminate existed)
+    stage = next((s for s in ("decontaminate", "tokenize") if tags.get(f"ssl_pipeline.{s}.mlflow_run_id")), None)
+    if stage:
+        m = mlflow.artifacts.load_dict(f"runs:/{tags[f'ssl_pipeline.{stage}.mlflow_run_id']}/manifest.json")
         if m.get("heldout") and (Path(m["dir"]) / m["heldout"]).is_file():
             docs = read_heldout(m)
     return suite, docs
@@ -749,7 +692,7 @@ def evaluate_model(spec: str, cfg, cache: str | Path, suite: str | Path | None =
         raise ValueError(f"{spec}: an encoder ({model['objective']}) is scored by the probe on its pipeline run's "
                          "held-out documents, which were not found")
     names = (list(SUITE) if suite else []) + (cfg.tasks if causal else [])
-    loaded = load_tasks(names, task_manager(suite, bool(cfg.tasks))) if causal else None
+    loaded = load_tasks(names, task_manager([suite, *cfg.include_path], cfg.tasks)) if causal else None
     out = cache / f"run-{os.getpid()}-{int(t0)}"
     report = {"objective": model["objective"], "heldout_docs": len(docs), "tasks": names,
               "suite": {"dir": str(suite), "digest": suite_digest(suite)} if suite else None,

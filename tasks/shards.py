@@ -209,7 +209,7 @@ def content_digest(row_digests: dict[str, list[bytes]]) -> str:
     """A stage output's digest by content, independent of row order, shard sizes and fetch times:
     the next stage's cache key, so unchanged data reuses what was computed from it."""
     h = hashlib.sha256()
-    for kind in ("kept", "dropped"):
+    for kind in ("kept", "dropped", *sorted(set(row_digests) - {"kept", "dropped"})):   # then a stage's own
         h.update(kind.encode())
         for d in sorted(row_digests[kind]):
             h.update(d)

@@ -1,16 +1,15 @@
-"""Stage 5, tokenize: train a byte-level BPE tokenizer locally and write flat token shards.
+"""Stage 6, tokenize: train a byte-level BPE tokenizer locally and write flat token shards.
 
-Documents are split into train, validation and held-out by a hash of their doc_id (stable
-across runs). The tokenizer is trained on the train split only. The held-out documents are never
-tokenized: they are kept as text (``heldout.parquet``) for the evaluate stage's suite. The
-train and validation splits are written as flat little-endian token files (uint16 when the
-vocabulary fits, else uint32) with an end-of-text token after every document, plus a document
-index (doc_id -> shard, token range).
+Its input is the decontaminate stage's output: the documents for evaluation are already set
+aside there. The rest are split into train and validation by a hash of their doc_id (stable
+across runs; validation from the bottom of the range, as decontaminate holds out from the top).
+The tokenizer is trained on the train split only. Both splits are written as flat little-endian
+token files (uint16 when the vocabulary fits, else uint32) with an end-of-text token after every
+document, plus a document index (doc_id -> shard, token range).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
@@ -26,27 +25,17 @@ from tqdm.auto import tqdm
 from flows import tracking
 from flows.config import TokenizeConfig
 from ssl_model.config import EOT, MASK
+from tasks.decontaminate import split_hash
 from tasks.shards import SortedRows, file_entry, fresh_tmp_dir, iter_rows, make_manifest, publish_dir, write_json
 from tasks.stage import stage_dir, stage_task
 
 SPECIAL = [EOT, MASK]
 SHARD_TOKENS = 100_000_000  # tokens per shard file
-MIN_HELDOUT = 2               # documents held out at least (of 10 or more): the evaluate suite's
 
 
-def split_hash(doc_id: str, seed: int) -> float:
-    return int(hashlib.sha256(f"{seed}:{doc_id}".encode()).hexdigest()[:12], 16) / 16 ** 12
-
-
-def split_of(doc_id: str, val_fraction: float, seed: int, heldout_fraction: float = 0.0) -> str:
-    """Validation from the bottom of the hash range, held-out from the top: a held-out fraction
-    changes neither which documents validate nor the seed's meaning."""
-    h = split_hash(doc_id, seed)
-    return "val" if h < val_fraction else "heldout" if h >= 1 - heldout_fraction else "train"
-
-
-HELDOUT_SCHEMA = pa.schema([("doc_id", pa.string()), ("url", pa.string()), ("source", pa.string()),
-                            ("text", pa.string())])
+def split_of(doc_id: str, val_fraction: float, seed: int) -> str:
+    """Validation from the bottom of the hash range (decontaminate holds out from its top)."""
+    return "val" if split_hash(doc_id, seed) < val_fraction else "train"
 
 
 def train_tokenizer(texts, vocab_size: int, min_frequency: int, length: int | None = None) -> Tokenizer:
@@ -107,23 +96,17 @@ class ShardWriter:
 
 
 def tokenize(cfg, docs: dict, stage_dir: str | Path) -> dict:
-    """Run the tokenize stage over the dedup manifest ``docs``; returns its manifest."""
+    """Run the tokenize stage over the decontaminate manifest ``docs``; returns its manifest."""
     t0 = time.time()
     final = Path(stage_dir)
     tmp = fresh_tmp_dir(final)
     try:
         ids = [r["doc_id"] for r in iter_rows(docs, columns=["doc_id"])]
-        split = {d: split_of(d, cfg.val_fraction, cfg.seed, cfg.heldout_fraction) for d in ids}
+        split = {d: split_of(d, cfg.val_fraction, cfg.seed) for d in ids}
         if len(ids) >= 2 and "val" not in split.values():   # tiny corpora: validate on one document
-            split[min(d for d in ids if split[d] != "heldout")] = "val"
+            split[min(ids)] = "val"
         if len(ids) >= 2 and "train" not in split.values():
             split[min(ids)] = "train"
-        held = [d for d in ids if split[d] == "heldout"]
-        if cfg.heldout_fraction > 0 and len(held) < MIN_HELDOUT and len(ids) >= 5 * MIN_HELDOUT:
-            # small corpora: the evaluate suite needs two documents; the next ones by the same hash
-            order = sorted((d for d in ids if split[d] == "train"), key=lambda d: split_hash(d, cfg.seed), reverse=True)
-            for d in order[:MIN_HELDOUT - len(held)]:
-                split[d] = "heldout"
         n_train = sum(s == "train" for s in split.values())
         # documents in doc_id order: the same documents make the same shards, however collect's
         # concurrent fetches ordered them
@@ -136,9 +119,6 @@ def tokenize(cfg, docs: dict, stage_dir: str | Path) -> dict:
         dtype = np.dtype(np.uint16 if vocab <= 2 ** 16 else np.uint32)
         writers = {s: ShardWriter(tmp, s, dtype) for s in ("train", "val")}
         batch: list[dict] = []
-        heldout = pq.ParquetWriter(tmp / "heldout.parquet", HELDOUT_SCHEMA)
-        heldout_rows: list[dict] = []
-        n_heldout = 0
 
         def flush() -> None:
             for row, enc in zip(batch, tok.encode_batch([r["text"] for r in batch])):
@@ -146,19 +126,10 @@ def tokenize(cfg, docs: dict, stage_dir: str | Path) -> dict:
             batch.clear()
 
         for row in tqdm(rows, total=docs["rows"], desc="tokenize", unit="doc"):
-            if split[row["doc_id"]] == "heldout":
-                heldout_rows.append(row)
-                n_heldout += 1
-                if len(heldout_rows) >= 256:
-                    heldout.write_table(pa.Table.from_pylist(heldout_rows, schema=HELDOUT_SCHEMA))
-                    heldout_rows.clear()
-                continue
             batch.append(row)
             if len(batch) >= 256:
                 flush()
         flush()
-        heldout.write_table(pa.Table.from_pylist(heldout_rows, schema=HELDOUT_SCHEMA))
-        heldout.close()
         splits = {s: w.finish() for s, w in writers.items()}
         shutil.rmtree(tmp / ".by-doc-id")
         meta = {"dtype": dtype.name, "byteorder": "little", "vocab_size": vocab, "eot_id": eot,
@@ -167,12 +138,11 @@ def tokenize(cfg, docs: dict, stage_dir: str | Path) -> dict:
         write_json(tmp / "meta.json", meta)
         files = [file_entry(tmp, p, splits[s]["docs"] if p.endswith(".parquet") else 0)
                  for s in splits for p in [x["path"] for x in splits[s]["shards"]] + [splits[s]["index"]]]
-        files += [file_entry(tmp, "tokenizer.json", 0), file_entry(tmp, "heldout.parquet", n_heldout)]
+        files += [file_entry(tmp, "tokenizer.json", 0)]
         manifest = make_manifest("tokenize", final, {"kept": files, "dropped": []}, Counter(), {
             "seconds": round(time.time() - t0, 3), "input_rows": docs["rows"], "vocab_size": vocab,
             "dtype": dtype.name, "train_tokens": splits["train"]["tokens"], "val_tokens": splits["val"]["tokens"],
-            "train_docs": splits["train"]["docs"], "val_docs": splits["val"]["docs"], "heldout_docs": n_heldout,
-            "heldout": "heldout.parquet"})
+            "train_docs": splits["train"]["docs"], "val_docs": splits["val"]["docs"]})
         manifest["rows"] = len(ids)
         write_json(tmp / "_manifest.json", manifest)
         publish_dir(tmp, final)
@@ -186,4 +156,4 @@ def tokenize_task(ctx: dict, section: dict, inputs: list[dict], run_id: str) -> 
     manifest = tokenize(TokenizeConfig.model_validate(section), inputs[0], stage_dir(ctx, "tokenize"))
     tracking.log_artifact(run_id, Path(manifest["dir"]) / "tokenizer.json")
     return manifest, {k: float(manifest[k]) for k in ("train_tokens", "val_tokens", "train_docs", "val_docs",
-                                                      "heldout_docs", "vocab_size")}
+                                                      "vocab_size")}

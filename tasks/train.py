@@ -168,7 +168,8 @@ def train_task(ctx: dict, section: dict, inputs: list[dict], run_id: str) -> tup
     per_step = cfg.batch_size * cfg.grad_accum * model_cfg.block_size * result["world_size"]
     tokens = cfg.max_steps * per_step
     manifest = {**shards, "stage": "train", "dir": str(out), "dropped": 0, "reasons": {}, "seconds": seconds,
-                "checkpoint": result["checkpoint"], "model_uri": model_uri, "val_loss": result["val_loss"],
+                "checkpoint": result["checkpoint"], "tokenizer": tokenizer,
+                "model_uri": model_uri, "val_loss": result["val_loss"],
                 "ln_vocab": math.log(shards["vocab_size"]), "params": result["params"], "device": result["device"],
                 "objective": cfg.objective, "model_config": model_cfg.to_dict(), "init_from": init, "tokens_per_step": per_step,
                 "retrieval": [result.get("val_retrieval_accuracy"), result.get("val_retrieval_chance")]}

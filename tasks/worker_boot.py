@@ -5,6 +5,7 @@ collections do not walk the ~240k objects it inherits."""
 
 import gc
 
+import tasks.decontaminate  # noqa: F401
 import tasks.dedup  # noqa: F401
 import tasks.extract  # noqa: F401
 import tasks.filter  # noqa: F401

@@ -45,7 +45,9 @@ def test_demo_profile_loads_and_loosens_only_what_it_says():
     ("dedup:\n  bands: 10\n", "dedup"),
     ("collect:\n  start_urls: [example.org]\n", "collect.start_urls: Value error, 'example.org' is not an http(s) URL"),
     ("evaluate:\n  suite: false\n", "evaluate: Value error, evaluate has nothing to score"),
-    ("tokenize:\n  val_fraction: 0.5\n  heldout_fraction: 0.5\n", "leave no documents to train on"),
+    ("tokenize:\n  heldout_fraction: 0.1\n", "tokenize.heldout_fraction: unknown key"),   # decontaminate's now
+    ("decontaminate:\n  ngram: 3\n", "decontaminate.ngram"),
+    ("evaluate:\n  sources: ['http://']\n", "'http://' is not an http(s) URL with a host"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, key):
     p = tmp_path / "c.yaml"
@@ -76,3 +78,21 @@ def test_flatten_gives_one_param_per_leaf():
     params = flatten(load_config())
     assert params["train.max_steps"] == "1000"
     assert params["filter.gopher_quality.min_doc_words"] == "50"
+
+
+def test_decontaminate_checks_against_the_evaluate_tasks_unless_told_otherwise():
+    cfg = load_config(None, ["evaluate.tasks=[arc_easy]", "evaluate.include_path=[/tmp/my-tasks]"])
+    assert cfg.decontaminate.tasks == ["arc_easy"] and cfg.decontaminate.include_path == ["/tmp/my-tasks"]
+    assert cfg.decontaminate.handoff()["tasks"] == ["arc_easy"]   # the stage's section (its cache key) says so
+    assert load_config(None, ["evaluate.tasks=[arc_easy]", "decontaminate.tasks=[]"]).decontaminate.tasks == []
+
+
+def test_evaluation_sources_are_read_as_collect_reads_them():
+    from flows.config import CollectConfig, EvaluateConfig
+    ev = EvaluateConfig(sources=["https://example.org/docs/", "https://example.org/sitemap.xml", "/data/a.warc.gz",
+                                 "s3://bucket/eval.parquet", "/data/pages"])
+    c = ev.collect_section(CollectConfig(max_pages=7))
+    assert (c.start_urls, c.sitemaps, c.warc_files, c.paths) == (["https://example.org/docs/"],
+                                                                 ["https://example.org/sitemap.xml"],
+                                                                 ["/data/a.warc.gz"], ["/data/pages"])
+    assert [t.path for t in c.tables] == ["s3://bucket/eval.parquet"] and c.pydoc_modules == [] and c.max_pages == 7

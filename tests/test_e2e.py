@@ -26,7 +26,8 @@ from mlflow.tracking import MlflowClient
 from tests.browser import descendants, stop_process_tree, wait_until
 from tests.conftest import BIN, ROOT, TEST_MODULES, cli_env, run_cli
 
-STAGES = ["collect", "extract", "filter", "dedup", "tokenize", "train", "evaluate"]
+STAGES = ["collect", "extract", "filter", "dedup", "decontaminate", "tokenize", "train", "evaluate"]
+DATA_STAGES = STAGES[:STAGES.index("train")]   # collect to tokenize
 SMALL_TRAIN = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64, "batch_size": 8, "max_steps": 60,
                "lr": 3e-3, "warmup_steps": 5, "eval_interval": 20, "eval_batches": 4,
                "checkpoint_interval": 30, "threads": 2}
@@ -139,7 +140,7 @@ def test_pipeline_end_to_end_is_tracked_and_the_registered_model_scores(tmp_path
     assert all(r.info.status == "FINISHED" for r in runs.values())
 
     # counts per stage, chained: what one stage keeps is what the next one reads
-    for prev, stage in zip(STAGES[:4], STAGES[1:5]):
+    for prev, stage in zip(DATA_STAGES, DATA_STAGES[1:]):
         assert runs[stage].data.metrics["docs_in"] == runs[prev].data.metrics["docs_out"]
     m = runs["collect"].data.metrics
     assert m["docs_out"] == len(TEST_MODULES) + 1 and m["dropped.http_404"] > 0 and m["bytes_out"] > 0
@@ -147,6 +148,8 @@ def test_pipeline_end_to_end_is_tracked_and_the_registered_model_scores(tmp_path
     f = runs["filter"].data.metrics
     assert f["docs_out"] + sum(v for k, v in f.items() if k.startswith("dropped.")) == f["docs_in"]
     assert "seconds" in f
+    d = runs["decontaminate"].data.metrics   # the evaluation documents set aside, the rest checked against them
+    assert d["heldout_docs"] >= 2 and d["dropped.held_out"] == d["heldout_docs"] and d["eval_ngrams"] > 0
 
     # datasets: each stage logs its input and its output, with digests
     for stage in STAGES:
@@ -230,7 +233,7 @@ def test_pipeline_end_to_end_is_tracked_and_the_registered_model_scores(tmp_path
                       "--set", "train.max_steps=10", "--set", "tracking.registered_model=e2e-simcse"], servers, tmp_path)
     assert simcse.returncode == 0, simcse.stdout[-3000:] + simcse.stderr[-5000:]
     states = task_states(servers["PREFECT_API_URL"], flow_run_id(simcse.stdout))
-    assert states == {**{s: ["Cached"] for s in STAGES[:5]}, "train": ["Completed"], "evaluate": ["Completed"]}, states
+    assert states == {**{s: ["Cached"] for s in DATA_STAGES}, "train": ["Completed"], "evaluate": ["Completed"]}, states
     trained = client.get_run(client.get_model_version("e2e-simcse", "1").run_id)
     assert trained.data.tags["ssl_pipeline.init_from"] == "models:/e2e-gpt/1"
     asked = client.get_run(trained.data.tags["mlflow.parentRunId"]).data.params
@@ -362,7 +365,7 @@ def test_retry_after_a_failed_train_reuses_the_finished_stages(tmp_path, servers
     retry = run_cli(["retry", fr_id], servers, tmp_path)
     assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-5000:]
     states = task_states(servers["PREFECT_API_URL"], fr_id)
-    for stage in STAGES[:5]:
+    for stage in DATA_STAGES:
         assert states[stage] == ["Completed", "Cached"], (stage, states)
     assert states["train"] == ["Failed", "Completed"] and states["evaluate"] == ["Completed"]
     flow = httpx.get(f"{servers['PREFECT_API_URL']}/flow_runs/{fr_id}").json()
@@ -494,7 +497,7 @@ def test_deployments_run_the_pipeline_on_its_pool_and_training_on_the_gpu_pool(t
     # training ran in the child only; the parent holds the run_deployment call that links them
     link = httpx.get(f"{api}/task_runs/{children[0]['parent_task_run_id']}").json()
     assert link["flow_run_id"] == fr_id
-    assert set(task_states(api, fr_id)) == set(STAGES[:5]) | {link["name"], "evaluate"}
+    assert set(task_states(api, fr_id)) == set(DATA_STAGES) | {link["name"], "evaluate"}
     assert task_states(api, children[0]["id"]) == {"train": ["Completed"]}
     client = MlflowClient(servers["MLFLOW_TRACKING_URI"])
     (parent,) = parent_runs(client, "deployed", fr_id)

@@ -15,12 +15,13 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from flows.config import EvaluateConfig, TokenizeConfig
+from flows.config import DecontaminateConfig, EvaluateConfig, TokenizeConfig
 from ssl_model.checkpoint import load_model
 from ssl_model.config import EOT, preset
 from ssl_model.export import export_checkpoint
 from ssl_model.trainer import TrainSettings, train
 from tasks import evaluate as ev
+from tasks.decontaminate import decontaminate
 from tasks.shards import iter_rows
 from tasks.tokenize import tokenize
 from tests.conftest import BIN, cli_env
@@ -29,11 +30,17 @@ SMALL = dict(batch_size=8, lr=3e-3, warmup_steps=10, eval_batches=4, threads=2, 
 
 
 @pytest.fixture(scope="module")
-def shards(stages, tmp_path_factory):
-    """The test site's documents, 30 % held out (a suite of several documents)."""
-    d = tmp_path_factory.mktemp("eval")
-    return tokenize(TokenizeConfig(vocab_size=1024, val_fraction=0.1, heldout_fraction=0.3), stages["dedup"],
-                    d / "tokenize")
+def heldout(stages, tmp_path_factory):
+    """The test site's documents, 30 % held out (a suite of several documents). No n-gram check:
+    pydoc's boilerplate would take half of the rest out of training (tests/test_decontaminate.py)."""
+    return decontaminate(DecontaminateConfig(heldout_fraction=0.3, enabled=False), stages["dedup"],
+                         tmp_path_factory.mktemp("eval") / "decontaminate")
+
+
+@pytest.fixture(scope="module")
+def shards(heldout, tmp_path_factory):
+    return tokenize(TokenizeConfig(vocab_size=1024, val_fraction=0.1), heldout,
+                    tmp_path_factory.mktemp("tok") / "tokenize")
 
 
 def trained(shards: dict, out: Path, objective: str, steps: int, **settings) -> dict:
@@ -44,7 +51,7 @@ def trained(shards: dict, out: Path, objective: str, steps: int, **settings) -> 
     if objective == "causal":
         export_checkpoint(result["checkpoint"], out / "hf", Path(shards["dir"]) / "tokenizer.json")
     return {"dir": str(out), "checkpoint": result["checkpoint"], "objective": objective,
-            "model_config": cfg.to_dict(), "model_uri": None}
+            "tokenizer": str(Path(shards["dir"]) / "tokenizer.json"), "model_config": cfg.to_dict(), "model_uri": None}
 
 
 @pytest.fixture(scope="module")
@@ -53,23 +60,23 @@ def causal(shards, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def report(shards, causal, tmp_path_factory):
+def report(heldout, causal, tmp_path_factory):
     # the model's own export as a baseline too: a baseline is scored exactly as the model is
-    return ev.evaluate_stage(EvaluateConfig(baselines=[f"{causal['dir']}/hf"]), causal, shards,
+    return ev.evaluate_stage(EvaluateConfig(baselines=[f"{causal['dir']}/hf"]), causal, heldout,
                              tmp_path_factory.mktemp("evaluate") / "evaluate")
 
 
-def test_the_suite_is_made_of_documents_the_tokenizer_and_the_model_never_saw(stages, shards, report):
-    heldout = {r["doc_id"] for r in ev.read_heldout(shards)}
+def test_the_suite_is_made_of_documents_the_tokenizer_and_the_model_never_saw(stages, heldout, shards, report):
+    decon, heldout = heldout, {r["doc_id"] for r in ev.read_heldout(heldout)}
     trained_on = set()
     for split in ("train", "val"):
         trained_on |= set(pq.read_table(Path(shards["dir"]) / f"{split}.idx.parquet")["doc_id"].to_pylist())
     everything = {r["doc_id"] for r in iter_rows(stages["dedup"], columns=["doc_id"])}
     assert len(heldout) >= 5 and not heldout & trained_on and heldout | trained_on == everything
-    assert shards["heldout_docs"] == len(heldout)
+    assert decon["heldout_docs"] == len(heldout)
 
     suite = Path(report["suite"]["dir"])
-    texts = {r["doc_id"]: r["text"] for r in ev.read_heldout(shards)}
+    texts = {r["doc_id"]: r["text"] for r in ev.read_heldout(decon)}
     for task in ev.SUITE:
         rows = [json.loads(line) for line in (suite / f"{task}.jsonl").open()]
         assert rows and {r["doc_id"] for r in rows} <= heldout, task
@@ -84,7 +91,7 @@ def test_the_suite_is_made_of_documents_the_tokenizer_and_the_model_never_saw(st
         assert r["continuation"].strip() == r["target"] and r["continuation"][0].isspace()
     assert report["suite"]["digest"] == ev.suite_digest(suite)
     # the same documents make the same suite
-    again = ev.build_suite(ev.read_heldout(shards), suite.parent / "again", 200)
+    again = ev.build_suite(ev.read_heldout(decon), suite.parent / "again", 200)
     assert again["digest"] == report["suite"]["digest"]
 
 
@@ -184,11 +191,11 @@ def test_a_named_task_whose_dataset_is_absent_stops_with_one_line(causal, tmp_pa
     assert "'hellaswag'" in lines[0] and "Rowan/hellaswag" in lines[0] and str(tmp_path / "hf") in lines[0]
 
 
-def test_the_probe_of_an_mlm_encoder_beats_the_majority_class(shards, tmp_path):
+def test_the_probe_of_an_mlm_encoder_beats_the_majority_class(heldout, shards, tmp_path):
     # the encoder of tests/test_probe.py (llama, Muon): a gpt2 one trained as briefly stays near
     # unigram prediction, and its frozen features do not yet beat an untrained model's
     mlm = trained(shards, tmp_path / "mlm", "mlm", 150, arch="llama", optimizer="muon", schedule="wsd")
-    report = ev.evaluate_stage(EvaluateConfig(), mlm, shards, tmp_path / "evaluate")
+    report = ev.evaluate_stage(EvaluateConfig(), mlm, heldout, tmp_path / "evaluate")
     assert report["suite"] is None   # an encoder has no next-token likelihood to score
     probe, untrained = (report["models"][k]["scores"]["probe"] for k in ("model", "untrained"))
     acc, majority = probe["probe_accuracy"], probe["majority_accuracy"]

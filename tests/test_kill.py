@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from infra.services import AUTOMATION, CRASH_AFTER_S, ensure_crash_automation, services as make_services, start_all
 from tests.browser import wait_until
 from tests.conftest import BIN, cli_env, run_cli
-from tests.test_e2e import STAGES, parent_runs, stage_runs, task_states, write_config
+from tests.test_e2e import DATA_STAGES, STAGES, parent_runs, stage_runs, task_states, write_config
 
 pytestmark = pytest.mark.e2e
 SILENCE_S = 45   # the automation's window in these tests (heartbeats come every 30 s)
@@ -138,7 +138,7 @@ def test_a_killed_run_is_found_dead_closed_and_retried_to_the_same_result(tmp_pa
     assert states["train"] == ["Crashed", "Completed"], states
     for stage in ("collect", "extract"):
         assert states[stage] == ["Completed", "Cached", "Cached"], states
-    for stage in ("dedup", "tokenize"):
+    for stage in ("dedup", "decontaminate", "tokenize"):
         assert states[stage] == ["Completed", "Cached"], states
 
     # MLflow: nothing left RUNNING; the killed filter ended KILLED; one train run, steps 1..30 once each
@@ -159,16 +159,19 @@ def test_a_killed_run_is_found_dead_closed_and_retried_to_the_same_result(tmp_pa
     from flows.config import load_config
     from ssl_model.config import ModelConfig
     from ssl_model.trainer import TrainSettings, train
+    from tasks.decontaminate import decontaminate
     from tasks.dedup import dedup
     from tasks.filter import filter_docs
     from tasks.shards import read_manifest
     from tasks.tokenize import tokenize
     cfg, ref = load_config(str(config)), tmp_path / "ref"
-    got = {s: read_manifest(run_dir / s) for s in STAGES[:5]}
+    got = {s: read_manifest(run_dir / s) for s in DATA_STAGES}
     want = filter_docs(cfg.filter, got["extract"], ref / "filter")
     assert want["digest"] == got["filter"]["digest"]
     want = dedup(cfg.dedup, want, ref / "dedup")
     assert want["digest"] == got["dedup"]["digest"]
+    want = decontaminate(cfg.decontaminate, want, ref / "decontaminate")
+    assert want["digest"] == got["decontaminate"]["digest"]
     want = tokenize(cfg.tokenize, want, ref / "tokenize")
     assert want["digest"] == got["tokenize"]["digest"]
     losses = {}
@@ -228,7 +231,6 @@ def test_retry_of_a_run_on_another_machine_goes_by_its_heartbeats(servers, tmp_p
 # The test above kills in filter and train; these kill in collect, extract, dedup and tokenize. A
 # minimal training: only the data stages are compared with an uninterrupted run here.
 KILLED_IN = ["collect", "extract", "dedup", "tokenize"]
-DATA_STAGES = STAGES[:5]
 MINIMAL_TRAIN = {"max_steps": 2, "eval_interval": 2, "eval_batches": 1, "checkpoint_interval": 2}
 
 

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from tasks.shards import read_manifest, read_table, sha256_file
 from tests.conftest import run_cli
-from tests.test_e2e import STAGES, flow_run_id, parent_runs, stage_runs, write_config
+from tests.test_e2e import DATA_STAGES, flow_run_id, parent_runs, stage_runs, write_config
 
 pytestmark = pytest.mark.e2e
 EXPERIMENT, MODEL = "lineage", "lineage-gpt"
@@ -33,7 +33,7 @@ def run(tmp_path_factory, servers) -> dict:
     return {"env": servers, "cwd": cwd, "client": client, "parent": parent,
             "model_uri": re.search(r"Model:\s+(\S+)", proc.stdout).group(1),
             "stages": {r.info.run_name: r for r in stage_runs(client, parent.info.run_id)},
-            "manifests": {s: read_manifest(run_dir / s) for s in STAGES[:5]}}
+            "manifests": {s: read_manifest(run_dir / s) for s in DATA_STAGES}}
 
 
 def cli(run: dict, *args: str):
@@ -56,9 +56,9 @@ def test_lineage_leads_from_the_model_to_every_stage_dataset_and_the_source(run)
     version = run["client"].get_model_version(MODEL, run["model_uri"].rsplit("/", 1)[1])
     assert out["model"]["mlflow_run_id"] == version.run_id == run["stages"]["train"].info.run_id
     assert out["pipeline_run"]["mlflow_run_id"] == run["parent"].info.run_id
-    assert [s["stage"] for s in out["stages"]] == STAGES[:6][::-1]   # train back to collect
+    assert [s["stage"] for s in out["stages"]] == [*DATA_STAGES, "train"][::-1]   # train back to collect
     stages = {s["stage"]: s for s in out["stages"]}
-    for name in STAGES[:5]:
+    for name in DATA_STAGES:
         s, m, mlflow_run = stages[name], run["manifests"][name], run["stages"][name]
         logged = [d.dataset for d in mlflow_run.inputs.dataset_inputs
                   if any(t.key == "mlflow.data.context" and t.value == "output" for t in d.tags)]
@@ -82,10 +82,9 @@ def test_lineage_leads_from_the_model_to_every_stage_dataset_and_the_source(run)
     url = collect["sources"][0]
     assert url == "http://pydoc.localhost/" and [d["source"] for d in out["sources"]["datasets"]] == [url]
     kept = {s: Counter(read_table(run["manifests"][s], columns=["source"])["source"].to_pylist())
-            for s in ("collect", "extract", "filter", "dedup")}
+            for s in ("collect", "extract", "filter", "dedup", "decontaminate")}
     dropped = Counter(read_table(collect, dropped=True, columns=["source"])["source"].to_pylist())
-    tokens = sum(pq.read_metadata(tok_dir / s["index"]).num_rows for s in meta["splits"].values()) \
-        + pq.read_metadata(tok_dir / "heldout.parquet").num_rows   # kept: tokenized, or held out for evaluation
+    tokens = sum(pq.read_metadata(tok_dir / s["index"]).num_rows for s in meta["splits"].values())
     [docs] = out["sources"]["documents"]
     assert docs["source"] == f"crawl:{url}"
     assert docs["kept"] == {**{s: c[docs["source"]] for s, c in kept.items()}, "tokenize": tokens}
@@ -94,7 +93,7 @@ def test_lineage_leads_from_the_model_to_every_stage_dataset_and_the_source(run)
     text = cli(run, "lineage", run["model_uri"])
     assert text.returncode == 0, text.stderr[-3000:]
     for needle in [run["model_uri"], version.run_id, run["parent"].info.run_id, url, "checks     OK",
-                   *(run["manifests"][s]["digest"] for s in STAGES[:5]), *(sha for sha, _ in shards.values())]:
+                   *(run["manifests"][s]["digest"] for s in DATA_STAGES), *(sha for sha, _ in shards.values())]:
         assert needle in text.stdout, needle
 
 
@@ -137,15 +136,16 @@ def test_where_the_tokens_of_a_kept_document_are(run):
     url = {r["doc_id"]: r["url"] for r in read_table(run["manifests"]["dedup"], columns=["doc_id", "url"]).to_pylist()}
     for query in (entry["doc_id"], url[entry["doc_id"]]):   # the latest finished run of the experiment
         doc = only_doc(audit(run, "why", query, "--experiment", EXPERIMENT))
-        assert doc["fate"] == "kept" and doc["stages"] == STAGES[:5]
+        assert doc["fate"] == "kept" and doc["stages"] == DATA_STAGES
         assert {k: doc["tokens"][k] for k in ("shard", "start", "end")} == \
             {k: entry[k] for k in ("shard", "start", "end")}
         assert doc["tokens"]["shard_sha256"] == sha256_file(tok_dir / entry["shard"])
-    # a document held out for evaluation: kept, never tokenized
-    held = pq.read_table(tok_dir / "heldout.parquet", columns=["doc_id"])["doc_id"].to_pylist()[0]
+    # a document held out for evaluation: set aside by decontaminate, never tokenized
+    decon = run["manifests"]["decontaminate"]
+    held = pq.read_table(Path(decon["dir"]) / decon["heldout"], columns=["doc_id"])["doc_id"].to_pylist()[0]
     doc = only_doc(audit(run, "why", held, "--experiment", EXPERIMENT))
-    assert doc["fate"] == "kept" and doc["stages"] == STAGES[:5] and "tokens" not in doc
-    assert doc["heldout"] == {"file": "heldout.parquet", "tokenize_dir": str(tok_dir)}
+    assert doc["fate"] == "held_out" and doc["stages"] == DATA_STAGES[:-1] and "tokens" not in doc
+    assert doc["heldout"] == {"file": "heldout.parquet", "dir": decon["dir"]}
     assert "held out for evaluation" in cli(run, "why", held, "--experiment", EXPERIMENT).stdout
 
 

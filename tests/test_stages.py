@@ -66,7 +66,7 @@ def test_the_embedded_site_is_the_same_documents_on_any_port(tmp_path, stages, s
     assert ids(first) == ids(second) and ids(first, True) == ids(second, True)
     assert all(u.startswith(pydoc_site.ORIGIN) for u, *_ in ids(second) + ids(second, True))
     assert second["rows"] == len(TEST_MODULES) + 1 and second["reasons"]["http_404"] > 0
-    for stage in ("collect", "extract", "filter", "dedup", "tokenize"):
+    for stage in ("collect", "extract", "filter", "dedup", "decontaminate", "tokenize"):
         assert again[stage]["digest"] == stages[stage]["digest"], stage
     split = [pq.read_table(Path(m["tokenize"]["dir"]) / "val.idx.parquet")["doc_id"].to_pylist()
              for m in (stages, again)]
@@ -223,9 +223,9 @@ def test_tokenize_gives_the_same_shards_whatever_order_the_documents_came_in(tmp
     in another order and other shards from run to run; the token shards must not follow it."""
     from flows.config import TokenizeConfig
     from tasks.tokenize import tokenize
-    rows = list(iter_rows(stages["dedup"]))
-    schema = pq.read_schema(Path(stages["dedup"]["dir"]) / "part-00000.parquet")
-    with StageWriter("dedup", tmp_path / "dedup", schema, shard_rows=7) as w:
+    rows = list(iter_rows(stages["decontaminate"]))
+    schema = pq.read_schema(Path(stages["decontaminate"]["dir"]) / "part-00000.parquet")
+    with StageWriter("decontaminate", tmp_path / "decontaminate", schema, shard_rows=7) as w:
         for row in reversed(rows):
             w.keep(row)
     assert len(w.manifest["files"]) > 1
@@ -244,11 +244,13 @@ def test_tokenize_writes_uint16_shards_with_a_document_index(stages):
     texts = {r["doc_id"]: r["text"] for r in iter_rows(stages["dedup"])}
     index = pq.read_table(folder / "train.idx.parquet").to_pylist()
     val_ids = set(pq.read_table(folder / "val.idx.parquet")["doc_id"].to_pylist())
-    heldout = {r["doc_id"]: r["text"] for r in pq.read_table(folder / "heldout.parquet").to_pylist()}
+    decon = stages["decontaminate"]
+    heldout = {r["doc_id"]: r["text"] for r in pq.read_table(Path(decon["dir"]) / decon["heldout"]).to_pylist()}
     assert val_ids and not val_ids & {r["doc_id"] for r in index}          # split by document
-    assert len(heldout) == m["heldout_docs"] >= 2 and not set(heldout) & (val_ids | {r["doc_id"] for r in index})
-    assert len(index) + len(val_ids) + len(heldout) == len(texts)
+    assert len(heldout) == decon["heldout_docs"] >= 2 and not set(heldout) & (val_ids | {r["doc_id"] for r in index})
+    assert len(index) + len(val_ids) + len(heldout) + decon["reasons"].get("contaminated", 0) == len(texts)
     assert all(texts[d] == t for d, t in heldout.items())                  # kept as text, for the evaluate stage
+    assert "heldout" not in m and not (folder / "heldout.parquet").exists()   # tokenize holds nothing out
     tokens = np.fromfile(folder / index[0]["shard"], dtype="<u2")
     assert len(tokens) == meta["splits"]["train"]["tokens"] == index[-1]["end"]
     first = index[0]
