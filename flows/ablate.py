@@ -45,7 +45,7 @@ from flows.pipeline import _collect_and_extract, eval_documents, make_ctx, pipel
 from tasks import compare
 from tasks.extract import DOC_SCHEMA
 from tasks.shards import StageWriter, iter_rows
-from tasks.tokenize import split_hash
+from tasks.decontaminate import split_hash
 
 # what every variant shares: the model, its training, the tokenizer and the evaluation
 FIXED = ("train.", "tokenize.", "evaluate.", "tracking.", "cache.", "data_dir", "decontaminate.heldout_fraction",

@@ -265,6 +265,9 @@ class TokenizeConfig(Section):
     min_frequency: int = Field(2, ge=1, description="Merges need at least this many occurrences.")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Fraction of documents held out for validation.")
     seed: int = Field(0, description="Seed of the train/validation split (by doc_id hash).")
+    tokenizer: str | None = Field(None, description="An existing tokenizer.json (a tokenize stage's) to use instead of "
+                                                    "training one, vocab_size then ignored: an ablation's variants "
+                                                    "share one.")
 
 
 class DecontaminateConfig(Section):
@@ -279,6 +282,12 @@ class DecontaminateConfig(Section):
                                                       "(null: evaluate.tasks); one whose data is missing is skipped.")
     include_path: list[str] | None = Field(None, description="Folders of lm-eval task files those tasks may be in "
                                                              "(null: evaluate.include_path).")
+    max_doc_frequency: int | None = Field(10, ge=1, description="An evaluation n-gram found in more training documents "
+                                                                "than this is ignored as common text (boilerplate, "
+                                                                "licences, navigation), as GPT-3 did; null: none is.")
+    copy_fraction: float = Field(0.5, gt=0, le=1, description="A training document at least this fraction of whose "
+                                                              "n-grams are evaluation n-grams is a copy: contaminated, "
+                                                              "common n-grams or not.")
     processes: int | None = Field(None, ge=1, description="Worker processes for the n-gram pass (null: one per core).")
 
 

@@ -8,9 +8,14 @@
 2. Decontaminated (GPT-3's rule): every remaining document that shares an n-gram of ``ngram``
    words (of the text normalized as dedup normalizes it) with an evaluation document is dropped
    as ``contaminated``, naming the evaluation set (``heldout``, ``eval_sources``, ``task:NAME``
-   for the local data of each lm-eval task named), the evaluation document and the n-gram. The
-   evaluation n-grams are hashed to 64 bits into one sorted array, saved for the worker processes
-   to map; one pass over the documents, in batches, looks every window of each up in it.
+   for the local data of each lm-eval task named), the evaluation document and the n-gram. An
+   evaluation n-gram that more training documents share than ``max_doc_frequency`` (GPT-3: 10)
+   is common text, a template or a licence, and does not count;
+   a document at least ``copy_fraction`` of whose n-grams are evaluation n-grams is a copy, and
+   is contaminated whatever their counts.
+   The evaluation n-grams are hashed to 64 bits into one sorted array, saved for the worker
+   processes to map; one pass over the documents, in batches, finds each one's evaluation
+   n-grams; their document counts decide, and a second read writes the rows.
 """
 
 from __future__ import annotations
@@ -88,28 +93,35 @@ def _index(path: str) -> np.ndarray:
     return np.load(path, mmap_mode="r")   # shared by the processes through the page cache
 
 
-def scan_batch(texts: list[str], index_path: str, n: int) -> list[tuple[int, str] | None]:
-    """Worker: for each text, (the hash, the words) of its first n-gram found in the index, or None.
-    The batch's windows are hashed at once, over its texts' words laid end to end."""
+def scan_batch(texts: list[str], index_path: str, n: int) -> list[tuple[np.ndarray, float]]:
+    """Worker: for each text, the distinct hashes of its n-grams found in the index (in the order
+    they first occur), and the share of its n-grams found there. The batch's windows are hashed at once, over its
+    texts' words laid end to end."""
     index = _index(index_path)
     ws = [words(t) for t in texts]
     lengths = np.fromiter(map(len, ws), dtype=np.int64, count=len(ws))
-    flat = list(chain.from_iterable(ws))
-    h = ngram_hashes(word_keys(flat), n)
+    h = ngram_hashes(word_keys(list(chain.from_iterable(ws))), n)
     starts = np.r_[0, np.cumsum(lengths)[:-1]]
     doc = np.repeat(np.arange(len(ws)), lengths)[:len(h)]     # the text each window starts in
     valid = np.arange(len(h)) + n <= (starts + lengths)[doc] if len(h) else np.zeros(0, dtype=bool)
-    out: list[tuple[int, str] | None] = [None] * len(texts)
+    windows = np.maximum(lengths - n + 1, 0)
+    out = [(np.zeros(0, dtype=np.uint64), 0.0)] * len(texts)
     if not len(index) or not valid.any():
         return out
-    pos = np.searchsorted(index, h)
-    hit = valid & (index[np.minimum(pos, len(index) - 1)] == h)
-    first_docs, first = np.unique(doc[hit], return_index=True)
-    at = np.flatnonzero(hit)[first]
-    for d, i in zip(first_docs.tolist(), at.tolist()):
-        o = i - int(starts[d])
-        out[d] = (int(h[i]), b" ".join(ws[d][o:o + n]).decode("utf-8", "surrogatepass"))
+    hit = np.flatnonzero(valid & (index[np.minimum(np.searchsorted(index, h), len(index) - 1)] == h))
+    share = np.bincount(doc[hit], minlength=len(texts)) / np.maximum(windows, 1)
+    for d in np.unique(doc[hit]).tolist():
+        found = h[hit[doc[hit] == d]]
+        _, first = np.unique(found, return_index=True)
+        out[d] = (found[np.sort(first)], float(share[d]))
     return out
+
+
+def ngram_text(text: str, target: int, n: int) -> str:
+    """The words of the first n-gram of ``text`` whose hash is ``target``."""
+    ws = words(text)
+    at = int(np.flatnonzero(ngram_hashes(word_keys(ws), n) == np.uint64(target))[0])
+    return b" ".join(ws[at:at + n]).decode("utf-8", "surrogatepass")
 
 
 def hash_texts(texts: list[str], n: int) -> list[np.ndarray]:
@@ -221,25 +233,47 @@ def decontaminate(cfg: DecontaminateConfig, docs: dict, stage_dir: str | Path, e
                 w.drop({**r, **none}, "held_out")
                 bar.update(1)
         rows = training_rows()
+        matched: dict[int, np.ndarray] = {}   # training row (in order) -> the evaluation n-grams it has
+        copies: set[int] = set()              # ... and those that are mostly evaluation text
         if pool is not None and len(index.hashes):
             path = str(index_path)   # Dask workers share the file system, as dedup's do
             batches = batched(rows, DASK_BATCH if dask else BATCH, docs["rows"] - len(held), pool.width)
             submit = lambda b: pool.submit(scan_batch, [r["text"] for r in b], path, cfg.ngram)  # noqa: E731
+            i = 0
             for batch, found in in_order(pool, batches, submit):
-                owners = iter(index.owners_of([hit[0] for hit in found if hit]))
-                for row, hit in zip(batch, found):
-                    if hit is None:
-                        w.keep(row)
-                        continue
-                    set_name, eval_id = next(owners)
-                    by_set[set_name] = by_set.get(set_name, 0) + 1
-                    w.drop({**row, "contaminated_by": set_name, "eval_doc_id": eval_id, "ngram": hit[1]},
-                           "contaminated")
+                for hashes, share in found:
+                    if len(hashes):
+                        matched[i] = hashes
+                        if share >= cfg.copy_fraction:
+                            copies.add(i)
+                    i += 1
                 bar.update(len(batch))
         else:
-            for row in rows:
-                w.keep(row)
+            for _ in rows:
                 bar.update(1)
+        # GPT-3's rule: an evaluation n-gram that many training documents share is common text
+        # (boilerplate, a licence), not a leak; only the others make a document contaminated. A
+        # document that is mostly evaluation text is a copy: contaminated, and not counted (copies
+        # of a leaked page would otherwise make its n-grams look common)
+        common = np.zeros(0, dtype=np.uint64)
+        limit = cfg.max_doc_frequency
+        counted = [h for i, h in matched.items() if i not in copies]
+        if counted and limit:
+            uniq, counts = np.unique(np.concatenate(counted), return_counts=True)
+            common = uniq[counts > limit]
+        only_common = 0
+        for i, row in enumerate(r for r in iter_rows(docs) if r["doc_id"] not in held):
+            hashes = matched.get(i)
+            if hashes is not None and i not in copies:
+                hashes = hashes[np.isin(hashes, common, invert=True)]
+                only_common += not len(hashes)
+            if hashes is None or not len(hashes):
+                w.keep(row)
+                continue
+            ((set_name, eval_id),) = index.owners_of([int(hashes[0])])
+            by_set[set_name] = by_set.get(set_name, 0) + 1
+            w.drop({**row, "contaminated_by": set_name, "eval_doc_id": eval_id,
+                    "ngram": ngram_text(row["text"], int(hashes[0]), cfg.ngram)}, "contaminated")
         spread = pool_extra(pool) if pool is not None else {}
         scan_s = time.time() - scan_t0
         index_path.unlink()
@@ -248,7 +282,9 @@ def decontaminate(cfg: DecontaminateConfig, docs: dict, stage_dir: str | Path, e
                    "heldout_docs": len(held), "eval_docs": len(aside), "eval_source_docs": len(evaluation),
                    "eval_sets": index.docs, "eval_docs_too_short": index.too_short,
                    "eval_ngrams": int(len(index.hashes)) if cfg.enabled else 0, "ngram": cfg.ngram,
-                   "contaminated_by": dict(sorted(by_set.items())), "tasks_checked": sorted(task_docs),
+                   "contaminated_by": dict(sorted(by_set.items())), "common_ngrams": int(len(common)),
+                   "kept_common_only": only_common, "copies": len(copies), "max_doc_frequency": limit,
+                   "tasks_checked": sorted(task_docs),
                    "scan_seconds": round(scan_s, 3), "docs_per_s": round(scanned / scan_s, 1) if scan_s > 0 else None,
                    **spread}
     return w.manifest
@@ -257,6 +293,7 @@ def decontaminate(cfg: DecontaminateConfig, docs: dict, stage_dir: str | Path, e
 def stage_metrics(manifest: dict) -> dict[str, float]:
     m = {"heldout_docs": manifest["heldout_docs"], "eval_docs": manifest["eval_docs"],
          "eval_ngrams": manifest["eval_ngrams"], "docs_per_s": manifest["docs_per_s"] or 0.0,
+         "common_ngrams": manifest["common_ngrams"], "kept_common_only": manifest["kept_common_only"],
          **{f"contaminated.{k}": v for k, v in manifest["contaminated_by"].items()}}
     return {k: float(v) for k, v in m.items()}
 

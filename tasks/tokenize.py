@@ -3,9 +3,12 @@
 Its input is the decontaminate stage's output: the documents for evaluation are already set
 aside there. The rest are split into train and validation by a hash of their doc_id (stable
 across runs; validation from the bottom of the range, as decontaminate holds out from the top).
-The tokenizer is trained on the train split only. Both splits are written as flat little-endian
-token files (uint16 when the vocabulary fits, else uint32) with an end-of-text token after every
-document, plus a document index (doc_id -> shard, token range).
+The tokenizer is trained on the train split only (or given: ``tokenizer``, as an ablation's
+variants share one). Both splits are written as flat little-endian token files (uint16 when the
+vocabulary fits, else uint32) with an end-of-text token after every document, plus a document
+index (doc_id -> shard, token range). The evaluation documents decontaminate set aside are
+tokenized too, as a ``heldout`` split the model never trains on: the trainer scores them at each
+evaluation (their bits per byte over training).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from flows import tracking
 from flows.config import TokenizeConfig
 from ssl_model.config import EOT, MASK
 from tasks.decontaminate import split_hash
-from tasks.shards import SortedRows, file_entry, fresh_tmp_dir, iter_rows, make_manifest, publish_dir, write_json
+from tasks.shards import (SortedRows, file_entry, fresh_tmp_dir, iter_rows, make_manifest, publish_dir, sha256_file,
+                          write_json)
 from tasks.stage import stage_dir, stage_task
 
 SPECIAL = [EOT, MASK]
@@ -95,6 +99,24 @@ class ShardWriter:
                 "tokens": sum(s["tokens"] for s in self.shards)}
 
 
+def load_tokenizer(path: str) -> Tokenizer:
+    """A tokenize stage's tokenizer.json, checked to have the special tokens training needs."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"tokenize.tokenizer: no file {path}")
+    tok = Tokenizer.from_file(path)
+    missing = [t for t in SPECIAL if tok.token_to_id(t) is None]
+    if missing:
+        raise ValueError(f"tokenize.tokenizer {path} lacks the special token(s) {missing}: use one a tokenize "
+                         "stage wrote")
+    return tok
+
+
+def tokenizer_fingerprint(ctx: dict, section: dict) -> str | None:
+    """For the cache key: the given tokenizer by its content."""
+    return sha256_file(section["tokenizer"]) if section.get("tokenizer") and Path(section["tokenizer"]).is_file() \
+        else section.get("tokenizer")
+
+
 def tokenize(cfg, docs: dict, stage_dir: str | Path) -> dict:
     """Run the tokenize stage over the decontaminate manifest ``docs``; returns its manifest."""
     t0 = time.time()
@@ -112,7 +134,8 @@ def tokenize(cfg, docs: dict, stage_dir: str | Path) -> dict:
         # concurrent fetches ordered them
         rows = SortedRows(docs, "doc_id", ["text", "url", "source"], tmp / ".by-doc-id")
         train_texts = (r["text"] for r in rows if split[r["doc_id"]] == "train")
-        tok = train_tokenizer(train_texts, cfg.vocab_size, cfg.min_frequency, length=n_train)
+        tok = (load_tokenizer(cfg.tokenizer) if cfg.tokenizer else
+               train_tokenizer(train_texts, cfg.vocab_size, cfg.min_frequency, length=n_train))
         tok.save(str(tmp / "tokenizer.json"))
         vocab = tok.get_vocab_size()
         eot = tok.token_to_id(EOT)
@@ -131,6 +154,13 @@ def tokenize(cfg, docs: dict, stage_dir: str | Path) -> dict:
                 flush()
         flush()
         splits = {s: w.finish() for s, w in writers.items()}
+        if docs.get("heldout"):   # the evaluation documents, tokenized: the trainer's curve on them
+            held = pq.read_table(Path(docs["dir"]) / docs["heldout"], columns=["doc_id", "text"]).to_pylist()
+            if held:
+                w = ShardWriter(tmp, "heldout", dtype)
+                for row, enc in zip(held, tok.encode_batch([r["text"] for r in held])):
+                    w.add(row["doc_id"], np.asarray(enc.ids + [eot], dtype=np.int64))
+                splits["heldout"] = {**w.finish(), "bytes": sum(len(r["text"].encode()) for r in held)}
         shutil.rmtree(tmp / ".by-doc-id")
         meta = {"dtype": dtype.name, "byteorder": "little", "vocab_size": vocab, "eot_id": eot,
                 "special_tokens": {t: tok.token_to_id(t) for t in SPECIAL}, "tokenizer": "tokenizer.json",
@@ -142,7 +172,8 @@ def tokenize(cfg, docs: dict, stage_dir: str | Path) -> dict:
         manifest = make_manifest("tokenize", final, {"kept": files, "dropped": []}, Counter(), {
             "seconds": round(time.time() - t0, 3), "input_rows": docs["rows"], "vocab_size": vocab,
             "dtype": dtype.name, "train_tokens": splits["train"]["tokens"], "val_tokens": splits["val"]["tokens"],
-            "train_docs": splits["train"]["docs"], "val_docs": splits["val"]["docs"]})
+            "train_docs": splits["train"]["docs"], "val_docs": splits["val"]["docs"],
+            "heldout_tokens": splits.get("heldout", {}).get("tokens", 0), "tokenizer_given": bool(cfg.tokenizer)})
         manifest["rows"] = len(ids)
         write_json(tmp / "_manifest.json", manifest)
         publish_dir(tmp, final)
@@ -151,7 +182,7 @@ def tokenize(cfg, docs: dict, stage_dir: str | Path) -> dict:
     return manifest
 
 
-@stage_task("tokenize")
+@stage_task("tokenize", sources=tokenizer_fingerprint)
 def tokenize_task(ctx: dict, section: dict, inputs: list[dict], run_id: str) -> tuple[dict, dict]:
     manifest = tokenize(TokenizeConfig.model_validate(section), inputs[0], stage_dir(ctx, "tokenize"))
     tracking.log_artifact(run_id, Path(manifest["dir"]) / "tokenizer.json")

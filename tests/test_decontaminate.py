@@ -145,3 +145,25 @@ def test_disabled_only_holds_out(stages, tmp_path):
     assert m["reasons"] == {"held_out": stages["decontaminate"]["heldout_docs"]} and m["eval_ngrams"] == 0
     again = decontaminate(DecontaminateConfig(enabled=False), stages["dedup"], tmp_path / "again")
     assert m["digest"] == again["digest"]
+
+
+def test_common_text_does_not_count_but_copies_always_do(stages, eval_docs, base, tmp_path):
+    """GPT-3's rule: an evaluation n-gram in more than max_doc_frequency training documents is common
+    text. Twelve training pages that each quote the same 13 words of an evaluation page keep them
+    (common), one page that quotes them alone is dropped at a limit of 12; three copies of a whole
+    evaluation page are all dropped, however common their n-grams (they are copies)."""
+    evaluation = {r["doc_id"]: r for r in iter_rows(eval_docs)}
+    page = max(evaluation.values(), key=lambda r: len(r["text"]))
+    hosts = [r for r in iter_rows(base)][:12]
+    seen = set().union(*(grams(r["text"]) for r in iter_rows(stages["dedup"])))
+    quote = next(g for g in sorted(grams(page["text"])) if g not in seen)      # in no training page yet
+    quoting = [{**r, "doc_id": new_id(f"quote{i}"), "text": r["text"] + "\n" + quote} for i, r in enumerate(hosts)]
+    copies = [{**hosts[0], "doc_id": new_id(f"copy{i}"), "text": page["text"]} for i in range(3)]
+    docs = with_docs(stages["dedup"], quoting + copies, tmp_path / "in")
+    ids = {r["doc_id"] for r in quoting}, {r["doc_id"] for r in copies}
+    loose = decontaminate(DecontaminateConfig(max_doc_frequency=10), docs, tmp_path / "a", eval_docs)
+    strict = decontaminate(DecontaminateConfig(max_doc_frequency=12), docs, tmp_path / "b", eval_docs)
+    assert ids[0] <= kept_ids(loose) and ids[1] <= set(dropped(loose))
+    assert ids[0] <= set(dropped(strict)) and ids[1] <= set(dropped(strict)), (strict["common_ngrams"], strict["kept_common_only"], strict["copies"], strict["reasons"])
+    assert loose["copies"] >= 3 and loose["kept_common_only"] >= 12
+    assert all(dropped(loose)[d]["reason"] == "contaminated" for d in ids[1])
