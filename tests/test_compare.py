@@ -92,3 +92,12 @@ def test_set_aside_takes_whole_hosts_and_leaves_some(stages, tmp_path):
     assert again["digest"] == by_doc["digest"]                    # the same pages every time
     with pytest.raises(ValueError, match="at least two are needed"):
         set_aside(extracted, 0.2, "host", tmp_path / "hosts")      # the test site is one host
+
+
+def test_variants_scored_on_different_suites_are_not_compared():
+    from flows.ablate import AblationConfig, comparison
+    ab = AblationConfig.model_validate({"variants": {"a": {}, "b": {}}})
+    results = {(n, 1337): {"stages": {"evaluate": {"suite_digest": digest, "dir": "/nonexistent"}}}
+               for n, digest in (("a", "1" * 64), ("b", "2" * 64))}
+    with pytest.raises(ValueError, match="different evaluation suites.*a-seed1337 111111111111.*b-seed1337 2222"):
+        comparison(ab, results, steps=10)
