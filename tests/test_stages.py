@@ -7,6 +7,7 @@ import http.server
 import json
 import math
 import re
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -229,7 +230,10 @@ def test_tokenize_gives_the_same_shards_whatever_order_the_documents_came_in(tmp
         for row in reversed(rows):
             w.keep(row)
     assert len(w.manifest["files"]) > 1
-    again = tokenize(TokenizeConfig(vocab_size=1024, val_fraction=0.25), w.manifest, tmp_path / "tokenize")
+    held = stages["decontaminate"]["heldout"]   # the evaluation documents, tokenized apart: the same file
+    shutil.copy(Path(stages["decontaminate"]["dir"]) / held, tmp_path / "decontaminate" / held)
+    again = tokenize(TokenizeConfig(vocab_size=1024, val_fraction=0.25), {**w.manifest, "heldout": held},
+                     tmp_path / "tokenize")
     assert again["digest"] == stages["tokenize"]["digest"]
     index = pq.read_table(Path(again["dir"]) / "train.idx.parquet")["doc_id"].to_pylist()
     assert index == sorted(index) and not list(Path(again["dir"]).glob(".*"))
