@@ -27,7 +27,6 @@ def write_ablation(tmp_path: Path) -> Path:
     write_config(base, "ablate", "ablate-gpt", checkpoint_interval=10, eval_interval=10)
     ablation = {"base": "base.yaml",
                 "ablate": {"tokens": BUDGET, "seeds": [7], "heldout_fraction": 0.15, "bootstrap": 500},
-                "set": {"evaluate.untrained": False},
                 "variants": {"loose": {},   # the demo profile's threshold (0.5)
                              "strict": {"filter.gopher_quality.min_alpha_words_ratio": 0.7}}}
     path = tmp_path / "ablation.yaml"

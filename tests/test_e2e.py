@@ -35,14 +35,15 @@ SMALL_TRAIN = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64, "batch
 pytestmark = pytest.mark.e2e
 
 
-def write_config(path, experiment: str, model: str, **train) -> str:
-    """The shipped demo profile, on a smaller slice of the pydoc site and a tiny model."""
+def write_config(path, experiment: str, model: str, untrained: bool = False, **train) -> str:
+    """The shipped demo profile, on a smaller slice of the pydoc site and a tiny model; the untrained
+    reference model is scored only where a test asks (``untrained``)."""
     cfg = yaml.safe_load((ROOT / "flows/profiles/demo.yaml").read_text())
     cfg["collect"]["pydoc_modules"] = list(TEST_MODULES)
     cfg["tokenize"] = {"vocab_size": 1024}
     cfg["train"] = {**SMALL_TRAIN, **train}
     cfg["tracking"] = {"experiment": experiment, "registered_model": model}
-    cfg["evaluate"] = {"max_items": 40}   # enough to score, cheap in the many runs the tests start
+    cfg["evaluate"] = {"max_items": 40, "untrained": untrained}   # cheap in the many runs the tests start
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
 
@@ -122,7 +123,7 @@ def task_states(api_url: str, fr_id: str, timeout: float = 60) -> dict[str, list
 
 
 def test_pipeline_end_to_end_is_tracked_and_the_registered_model_scores(tmp_path, servers):
-    config = write_config(tmp_path / "run.yaml", "e2e", "e2e-gpt")
+    config = write_config(tmp_path / "run.yaml", "e2e", "e2e-gpt", untrained=True)
     proc = run_cli(["run", "--config", config], servers, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "Model:" in proc.stdout and "MLflow run:" in proc.stdout and "Prefect flow run:" in proc.stdout
