@@ -85,7 +85,8 @@ def main() -> None:
            "decontaminate_scan_docs_per_s": round(statistics.median(scan), 1),
            "seconds_by_round": {k: [round(x, 3) for x in v] for k, v in times.items()},
            "decontaminate": {k: last[k] for k in ("heldout_docs", "eval_docs", "eval_ngrams", "eval_docs_too_short",
-                                                  "contaminated_by", "processes")},
+                                                  "contaminated_by", "common_ngrams", "kept_common_only", "copies",
+                                                  "max_doc_frequency", "processes")},
            "contaminated_by_source": dict(sorted(Counter(r["source"] for r in dropped
                                                          if r["reason"] == "contaminated").items()))}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -110,8 +110,9 @@ def scan_batch(texts: list[str], index_path: str, n: int) -> list[tuple[np.ndarr
         return out
     hit = np.flatnonzero(valid & (index[np.minimum(np.searchsorted(index, h), len(index) - 1)] == h))
     share = np.bincount(doc[hit], minlength=len(texts)) / np.maximum(windows, 1)
-    for d in np.unique(doc[hit]).tolist():
-        found = h[hit[doc[hit] == d]]
+    hit_doc = doc[hit]                        # ascending: windows are in text order
+    cuts = np.flatnonzero(np.diff(hit_doc)) + 1
+    for d, found in zip(hit_doc[np.r_[0, cuts]].tolist() if len(hit) else [], np.split(h[hit], cuts)):
         _, first = np.unique(found, return_index=True)
         out[d] = (found[np.sort(first)], float(share[d]))
     return out
