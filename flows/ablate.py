@@ -86,7 +86,7 @@ class AblationConfig(BaseModel):
             if not name.replace("-", "").replace("_", "").isalnum():
                 raise ValueError(f"variant name {name!r}: letters, digits, '-' and '_' only")
             for key in over or {}:
-                if key.startswith(FIXED) or key == "data_dir":
+                if key.startswith(FIXED):
                     raise ValueError(f"variant {name} sets {key}: the model, its training, the tokenizer and the "
                                      "evaluation are the same for every variant (set them in base or set:)")
         if self.ablate.tokenizer and self.ablate.tokenizer not in self.variants:

@@ -79,8 +79,8 @@ def cmd_ablate(args) -> int:
     flow_run_id = str(state.state_details.flow_run_id) if state.state_details else None
     if not state.is_completed():
         print(f"ssl-pipeline ablate: failed: {state.message}", file=sys.stderr)
-        print(f"Run the same command again: finished variants come back cached and an interrupted training "
-              f"resumes from its checkpoint.", file=sys.stderr)
+        print("Run the same command again: finished variants come back cached and an interrupted training "
+              "resumes from its checkpoint.", file=sys.stderr)
         return 1
     r = state.result()
     if args.json:

@@ -226,14 +226,8 @@ def decontaminate(cfg: DecontaminateConfig, docs: dict, stage_dir: str | Path, e
         index_path = index.save(w.tmp)
         scan_t0 = time.time()
 
-        def training_rows():   # the held-out ones set aside on the way
-            for r in iter_rows(docs):
-                if r["doc_id"] not in held:
-                    yield r
-                    continue
-                w.drop({**r, **none}, "held_out")
-                bar.update(1)
-        rows = training_rows()
+        # pass 1: the training documents' texts only, to the workers; the rows are written in pass 2
+        rows = (r for r in iter_rows(docs, columns=["doc_id", "text"]) if r["doc_id"] not in held)
         matched: dict[int, np.ndarray] = {}   # training row (in order) -> the evaluation n-grams it has
         copies: set[int] = set()              # ... and those that are mostly evaluation text
         if pool is not None and len(index.hashes):
@@ -249,9 +243,8 @@ def decontaminate(cfg: DecontaminateConfig, docs: dict, stage_dir: str | Path, e
                             copies.add(i)
                     i += 1
                 bar.update(len(batch))
-        else:
-            for _ in rows:
-                bar.update(1)
+        else:   # nothing to look for: pass 2 keeps them all
+            bar.update(docs["rows"] - len(held))
         # GPT-3's rule: an evaluation n-gram that many training documents share is common text
         # (boilerplate, a licence), not a leak; only the others make a document contaminated. A
         # document that is mostly evaluation text is a copy: contaminated, and not counted (copies
@@ -263,7 +256,13 @@ def decontaminate(cfg: DecontaminateConfig, docs: dict, stage_dir: str | Path, e
             uniq, counts = np.unique(np.concatenate(counted), return_counts=True)
             common = uniq[counts > limit]
         only_common = 0
-        for i, row in enumerate(r for r in iter_rows(docs) if r["doc_id"] not in held):
+        i = -1   # the training row, counted as in pass 1
+        for row in iter_rows(docs):
+            if row["doc_id"] in held:
+                w.drop({**row, **none}, "held_out")
+                bar.update(1)
+                continue
+            i += 1
             hashes = matched.get(i)
             if hashes is not None and i not in copies:
                 hashes = hashes[np.isin(hashes, common, invert=True)]

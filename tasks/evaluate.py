@@ -44,6 +44,7 @@ from ssl_model.checkpoint import load_checkpoint, load_model, model_from
 from ssl_model.config import ModelConfig
 from ssl_model.export import export_checkpoint, export_hf
 from ssl_model.model import GPT
+from tasks.compare import text_table
 from tasks.harness import TaskDataMissing, load_tasks, quiet_harness, task_manager  # noqa: F401
 from tasks.probe import probe
 from tasks.shards import fresh_tmp_dir, publish_dir
@@ -520,13 +521,7 @@ def table(report: dict) -> list[dict]:
 
 def table_text(report: dict) -> str:
     rows = table(report)
-    if not rows:
-        return "(no scores)"
-    cols = list(rows[0])
-    width = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
-    lines = ["  ".join(c.ljust(width[c]) for c in cols)]
-    lines += ["  ".join(str(r[c]).ljust(width[c]) for c in cols) for r in rows]
-    return "\n".join(line.rstrip() for line in lines)
+    return text_table(rows) if rows else "(no scores)"
 
 
 # -- MLflow and Prefect --------------------------------------------------------------------------
