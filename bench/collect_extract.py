@@ -44,14 +44,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import trafilatura  # noqa: E402
 from multiprocessing import forkserver  # noqa: E402
+
+import trafilatura  # noqa: E402
 from warcio.statusandheaders import StatusAndHeaders  # noqa: E402
 from warcio.warcwriter import WARCWriter  # noqa: E402
 
-from flows.config import CollectConfig, ExtractConfig  # noqa: E402
 from tasks import pydoc_site  # noqa: E402
 from tasks.collect import collect  # noqa: E402
+from tasks.config import CollectConfig, ExtractConfig  # noqa: E402
 from tasks.extract import extract  # noqa: E402
 from tasks.shards import follow_rows, future_state, iter_rows  # noqa: E402
 from tasks.workers import process_pool  # noqa: E402

@@ -47,9 +47,9 @@ def main() -> None:
     os.environ.update(prefect.env, PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_HOME=str(tmp / "home"))
     prefect.start()
     try:
-        from flows.config import CollectConfig, ExtractConfig, load_config
         from tasks import pydoc_site
         from tasks.collect import collect
+        from tasks.config import CollectConfig, ExtractConfig, load_config
         from tasks.extract import extract
         from tasks.filter import filter_docs
         from tasks.workers import dask_cluster

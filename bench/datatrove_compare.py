@@ -37,7 +37,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 from bench import corpus, neardup  # noqa: E402
 from bench.dedup import doc_table, site_texts  # noqa: E402
-from flows.config import DedupConfig, FilterConfig  # noqa: E402
+from tasks.config import DedupConfig, FilterConfig  # noqa: E402
 from tasks.dedup import dedup  # noqa: E402
 from tasks.filter import filter_docs  # noqa: E402
 from tasks.shards import read_table  # noqa: E402

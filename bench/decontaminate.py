@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 from bench import corpus  # noqa: E402
-from flows.config import DecontaminateConfig, DedupConfig  # noqa: E402
+from tasks.config import DecontaminateConfig, DedupConfig  # noqa: E402
 from tasks.decontaminate import decontaminate  # noqa: E402
 from tasks.dedup import dedup  # noqa: E402
 from tasks.extract import DOC_SCHEMA  # noqa: E402

@@ -43,9 +43,9 @@ import pyarrow as pa  # noqa: E402
 from datasketch import MinHash  # noqa: E402
 
 from bench import neardup  # noqa: E402
-from flows.config import CollectConfig, DedupConfig, ExtractConfig  # noqa: E402
 from tasks import pydoc_site  # noqa: E402
 from tasks.collect import collect  # noqa: E402
+from tasks.config import CollectConfig, DedupConfig, ExtractConfig  # noqa: E402
 from tasks.dedup import dedup, normalize, shingles, signatures  # noqa: E402
 from tasks.extract import DOC_SCHEMA, extract  # noqa: E402
 from tasks.shards import StageWriter, iter_rows  # noqa: E402
@@ -178,7 +178,7 @@ def bench_memory(texts: list[str], n: int, work: Path) -> dict:
         (work / f"syn-{size}.json").write_text(json.dumps(manifest))
         t0 = time.perf_counter()
         out[size] = peak_rss_mb(
-            "import json\nfrom flows.config import DedupConfig\nfrom tasks.dedup import dedup\n"
+            "import json\nfrom tasks.config import DedupConfig\nfrom tasks.dedup import dedup\n"
             f"m = json.load(open({str(work / f'syn-{size}.json')!r}))",
             f"dedup(DedupConfig(), m, {str(work / f'syn-{size}-d')!r})")
         out[size]["seconds"] = round(time.perf_counter() - t0, 1)

@@ -113,7 +113,7 @@ def main() -> None:
             if k in a and k in b and not (a[k] == b[k] or abs(a[k] - b[k]) <= 1e-9 * max(1, abs(b[k])))}
     missing = sorted(set(a) ^ set(b))
 
-    from flows.config import EvaluateConfig
+    from tasks.config import EvaluateConfig
     t0 = time.perf_counter()
     stage = ev.evaluate_stage(EvaluateConfig(), train_manifest(run), read_manifest(run / "tokenize"), tmp / "stage")
     stage_s = time.perf_counter() - t0

@@ -354,7 +354,7 @@ def main() -> None:
     import time
 
     from bench.dedup import load_baseline, site_texts
-    from flows.config import DedupConfig
+    from tasks.config import DedupConfig
     from tasks.dedup import dedup
 
     ap = argparse.ArgumentParser()

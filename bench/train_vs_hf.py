@@ -77,9 +77,9 @@ transformers.logging.set_verbosity_error()
 
 def build_shards(work: Path, vocab_size: int) -> Path:
     """Token shards of the rendered pydoc site: render, collect the folder, extract, tokenize."""
-    from flows.config import CollectConfig, ExtractConfig, TokenizeConfig
     from tasks import pydoc_site
     from tasks.collect import collect
+    from tasks.config import CollectConfig, ExtractConfig, TokenizeConfig
     from tasks.extract import extract
     from tasks.tokenize import tokenize
     pydoc_site.render_site(work / "site", pydoc_site.DEFAULT_MODULES)

@@ -39,13 +39,12 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from flows import tracking
-from flows.config import ConfigError, PipelineConfig, Section, _describe, load_config
 from flows.pipeline import _collect_and_extract, eval_documents, make_ctx, pipeline, stage_sections
-from tasks import compare
+from tasks import compare, tracking
+from tasks.config import ConfigError, PipelineConfig, Section, _describe, load_config
+from tasks.decontaminate import split_hash
 from tasks.extract import DOC_SCHEMA
 from tasks.shards import StageWriter, iter_rows
-from tasks.decontaminate import split_hash
 
 # what every variant shares: the model, its training, the tokenizer and the evaluation
 FIXED = ("train.", "tokenize.", "evaluate.", "tracking.", "cache.", "data_dir", "decontaminate.heldout_fraction",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from flows.config import ConfigError, TrackingConfig, load_config
+from tasks.config import ConfigError, TrackingConfig, load_config
 
 PROFILES = Path(__file__).parent / "profiles"
 PERSISTENT = ("make services, then export PREFECT_API_URL=http://127.0.0.1:4200/api "
@@ -30,8 +30,8 @@ def _ui_hint(flow_run_id: str | None) -> list[str]:
 def _failure_hint(args, cfg, flow_run_id: str | None) -> list[str]:
     """What is true after a failed run: where its data and its MLflow records are, and how to go on.
     A retry needs the Prefect server the run is recorded on; the temporary one is gone."""
-    from prefect.settings import PREFECT_API_URL
     import mlflow
+    from prefect.settings import PREFECT_API_URL
     run_dir = Path(cfg.data_dir).resolve() / (flow_run_id or "<flow run id>")
     lines = [f"Data:             {run_dir}",
              f"MLflow:           {mlflow.get_tracking_uri()}"]
@@ -66,6 +66,7 @@ def tasks_available(cfg) -> bool:
 
 def cmd_ablate(args) -> int:
     from prefect.task_runners import ThreadPoolTaskRunner
+
     from flows.ablate import ablate, load_ablation
     try:
         ab, _, cfgs = load_ablation(args.config)
@@ -128,6 +129,7 @@ def cmd_retry(args) -> int:
     """Retry a finished, failed or crashed flow run in this process: the CLI twin of the UI's Retry.
     A run still marked Running whose process is provably gone (killed) is marked Crashed first."""
     from prefect.settings import PREFECT_API_URL
+
     from flows import recovery
     if not PREFECT_API_URL.value():
         print("ssl-pipeline retry: PREFECT_API_URL is not set. A retry needs the Prefect server the run is "
@@ -171,10 +173,9 @@ def cmd_export(args) -> int:
 def cmd_evaluate(args) -> int:
     """Score a registered model, a runs:/ checkpoint or a Hugging Face folder as the evaluate stage
     does; the scores go to an MLflow run of their own (and on a registered model's version)."""
-    from flows import tracking
-    from flows.config import EvaluateConfig
     from flows.lineage import LineageError
-    from tasks import evaluate
+    from tasks import evaluate, tracking
+    from tasks.config import EvaluateConfig
     try:
         cfg = EvaluateConfig(tasks=[t for t in (args.tasks or "").split(",") if t], suite=not args.no_suite,
                              limit=args.limit, batch_size=args.batch_size, device=args.device)

@@ -26,8 +26,8 @@ import pyarrow.parquet as pq
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
-from flows.tracking import FLOW_RUN_TAG, STAGE_TAG, client, reasons_text
 from tasks.shards import read_schema, read_table
+from tasks.tracking import FLOW_RUN_TAG, STAGE_TAG, LineageError, client, model_version, reasons_text
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # manifests are tiny
 STAGES = ("collect", "extract", "filter", "dedup", "decontaminate", "tokenize", "train")
@@ -35,39 +35,10 @@ PARENT_TAG = "mlflow.parentRunId"
 BULKY = {"html", "text"}                      # never read here
 IDENTITY = {"doc_id", "source", "url", "fetched_at", "status", "content_sha256", "record_id", "reason"}
 DOC_ID_RE = re.compile(r"[0-9a-f]{32}")
-MODEL_URI_RE = re.compile(r"models:/([^/@]+)(?:/([^/@]+)|@([^/@]+))")
 DEFAULT_PORTS = {"http": ":80", "https": ":443"}
 
 
-class LineageError(Exception):
-    """A message for the user; ``code`` is the exit status (1: no such document, 2: no such model or run)."""
-
-    def __init__(self, message: str, code: int = 2):
-        super().__init__(message)
-        self.code = code
-
-
 # --- MLflow: model, runs, datasets, manifests ---------------------------------------------------
-
-def model_version(uri: str):
-    """The registered model version of ``models:/NAME/VERSION``, ``models:/NAME/latest`` or ``models:/NAME@ALIAS``."""
-    m = MODEL_URI_RE.fullmatch(uri.strip())
-    if not m:
-        raise LineageError(f"{uri!r} is not a registered model URI: models:/NAME/VERSION, models:/NAME/latest "
-                           f"or models:/NAME@ALIAS")
-    name, version, alias = m.groups()
-    try:
-        if alias:
-            return client().get_model_version_by_alias(name, alias)
-        if version == "latest":
-            versions = client().search_model_versions(f"name = '{name}'")
-            if versions:
-                return max(versions, key=lambda v: int(v.version))
-            raise LineageError(f"no registered model {name!r} at {mlflow.get_tracking_uri()}")
-        return client().get_model_version(name, version)
-    except MlflowException as e:
-        raise LineageError(f"no registered model {uri} at {mlflow.get_tracking_uri()} ({e.message})") from None
-
 
 def get_run(run_id: str) -> Run:
     try:

@@ -12,16 +12,17 @@ import httpx
 import yaml
 from mlflow.entities import RunTag
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
 from prefect.deployments import run_deployment
 from prefect.futures import PrefectFuture, wait
-from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 from prefect.utilities.annotations import quote
 
-from flows import recovery, tracking
-from flows.config import ConfigError, PipelineConfig, load_config
+from flows import recovery
+from tasks import tracking
 from tasks.collect import collect_task
+from tasks.config import ConfigError, PipelineConfig, load_config
 from tasks.decontaminate import decontaminate_task
 from tasks.dedup import dedup_task
 from tasks.evaluate import evaluate_task

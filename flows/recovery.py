@@ -10,7 +10,7 @@ Prefect keeps it ``Running``. Two things notice it:
   used by another process) is proof enough, elsewhere the last heartbeat's age is.
 
 A retry then closes what the dead attempt left open: its Prefect task runs still ``Running`` are
-set ``Crashed``, its MLflow stage runs still ``RUNNING`` ``KILLED`` (``flows.tracking``).
+set ``Crashed``, its MLflow stage runs still ``RUNNING`` ``KILLED`` (``tasks.tracking``).
 """
 
 from __future__ import annotations
@@ -59,8 +59,13 @@ def crash_leftover_task_runs(flow_run_id: str) -> list[str]:
     """Task runs of this flow run that an earlier, dead attempt left Running (or Pending): set
     Crashed. Called when the flow starts, before any task of this attempt exists."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterId, TaskRunFilter,
-                                                TaskRunFilterState, TaskRunFilterStateType)
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
     from prefect.states import Crashed
     closed = []

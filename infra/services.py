@@ -26,7 +26,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from flows.recovery import CRASH_AFTER_S, crash_after_s as default_window  # noqa: F401  (CRASH_AFTER_S: for callers)
+from flows.recovery import CRASH_AFTER_S  # noqa: F401  (CRASH_AFTER_S: for callers)
+from flows.recovery import crash_after_s as default_window
 
 BIN = Path(sys.executable).parent
 # Flow runs send a heartbeat event every HEARTBEAT_S seconds (Prefect's minimum is 30); a run whose

@@ -26,9 +26,9 @@ import fsspec
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from flows.config import CollectConfig
 from tasks import pydoc_site, readers, warc
 from tasks.charset import Undecodable, decode_page
+from tasks.config import CollectConfig
 from tasks.crawler import Crawler
 from tasks.pages import DROPPED_SCHEMA, PAGE_SCHEMA, drop_row, page_row
 from tasks.shards import StageWriter, read_manifest, read_table, write_json

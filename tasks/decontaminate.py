@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from flows.config import DecontaminateConfig
+from tasks.config import DecontaminateConfig
 from tasks.dedup import normalize
 from tasks.harness import TaskDataMissing, load_tasks, task_documents, task_manager
 from tasks.shards import StageWriter, iter_rows, read_schema, row_digest, with_fields

@@ -47,8 +47,8 @@ from datasketch.minhash import _fmix
 from mlflow.entities import Param
 from tqdm.auto import tqdm
 
-from flows import tracking
-from flows.config import DedupConfig
+from tasks import tracking
+from tasks.config import DedupConfig
 from tasks.shards import StageWriter, fresh_tmp_dir, read_schema, with_fields
 from tasks.stage import stage_dir, stage_task
 from tasks.workers import pool_extra, shard_pool

@@ -37,14 +37,13 @@ from mlflow.entities import Metric
 from prefect.artifacts import create_table_artifact
 from tokenizers import Tokenizer
 
-from flows import tracking
-from flows.config import EvaluateConfig
-from flows.lineage import model_version
 from ssl_model.checkpoint import load_checkpoint, load_model, model_from
 from ssl_model.config import ModelConfig
 from ssl_model.export import export_checkpoint, export_hf
 from ssl_model.model import GPT
+from tasks import tracking
 from tasks.compare import text_table
+from tasks.config import EvaluateConfig
 from tasks.harness import TaskDataMissing, load_tasks, quiet_harness, task_manager  # noqa: F401
 from tasks.probe import probe
 from tasks.shards import fresh_tmp_dir, publish_dir
@@ -601,7 +600,7 @@ def log_report(run_id: str, report: dict, out: Path, model_uri: str | None, desc
     for k, v in tags.items():
         c.set_tag(run_id, k, v)
     if model_uri and model_uri.startswith("models:/"):
-        mv = model_version(model_uri)
+        mv = tracking.model_version(model_uri)
         name, version = mv.name, mv.version
         for key, s in headline(report["models"]["model"]["scores"]).items():
             c.set_model_version_tag(name, version, f"eval.{key}", f"{s['value']:.4f} ± {s['stderr']:.4f}")
@@ -636,7 +635,7 @@ def evaluate_task(ctx: dict, section: dict, inputs: list[dict], run_id: str) -> 
 def pipeline_suite(spec: str, cache: Path) -> tuple[Path | None, list[dict]]:
     """The suite (task files) and held-out documents of the pipeline run that trained ``spec``
     (models:/ or runs:/), found through MLflow; (None, []) when it has none."""
-    run_id = model_version(spec).run_id if spec.startswith("models:/") else \
+    run_id = tracking.model_version(spec).run_id if spec.startswith("models:/") else \
         spec.removeprefix("runs:/").split("/")[0] if spec.startswith("runs:/") else None
     if not run_id:
         return None, []

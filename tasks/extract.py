@@ -21,7 +21,7 @@ import pyarrow as pa
 import trafilatura
 from tqdm.auto import tqdm
 
-from flows.config import ExtractConfig
+from tasks.config import ExtractConfig
 from tasks.shards import StageWriter, follow_rows, iter_rows
 from tasks.stage import stage_dir, stage_task
 from tasks.workers import DaskShards, TimeLimit, batched, in_order, pool_extra, shard_pool, time_limit

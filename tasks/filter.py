@@ -29,8 +29,8 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
+from tasks.config import FilterConfig
 from tasks.extract import DOC_SCHEMA
-from flows.config import FilterConfig
 from tasks.shards import StageWriter, iter_rows, with_fields
 from tasks.stage import stage_dir, stage_task
 from tasks.workers import DaskShards, batched, in_order, pool_extra, shard_pool

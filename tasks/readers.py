@@ -18,6 +18,7 @@ import fsspec
 import lxml.etree
 import pyarrow.parquet as pq
 
+
 def media_type(content_type: str | None) -> tuple[str, str | None]:
     """('text/html', 'utf-8') from 'text/html; charset=UTF-8'."""
     parts = [p.strip() for p in (content_type or "").split(";")]

@@ -23,7 +23,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.filesystems import RemoteFileSystem
 from prefect.results import ResultStore, resolve_result_storage
 
-from flows import tracking
+from tasks import tracking
 from tasks.shards import read_manifest, sha256_file
 
 PROJECT = ("tasks", "ssl_model")  # the packages whose code makes a stage's output

@@ -25,12 +25,20 @@ import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 
-from flows import tracking
-from flows.config import TokenizeConfig
 from ssl_model.config import EOT, MASK
+from tasks import tracking
+from tasks.config import TokenizeConfig
 from tasks.decontaminate import split_hash
-from tasks.shards import (SortedRows, file_entry, fresh_tmp_dir, iter_rows, make_manifest, publish_dir, sha256_file,
-                          write_json)
+from tasks.shards import (
+    SortedRows,
+    file_entry,
+    fresh_tmp_dir,
+    iter_rows,
+    make_manifest,
+    publish_dir,
+    sha256_file,
+    write_json,
+)
 from tasks.stage import stage_dir, stage_task
 
 SPECIAL = [EOT, MASK]

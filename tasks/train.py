@@ -20,16 +20,15 @@ import mlflow
 from mlflow.entities import Metric
 from tqdm.auto import tqdm
 
-from flows import tracking
-from flows.config import TrainConfig
-from flows.lineage import model_version
 from ssl_model.checkpoint import init_checkpoint
 from ssl_model.config import ModelConfig
 from ssl_model.export import export_checkpoint
 from ssl_model.trainer import TrainSettings, train
-from tasks import scoring
+from tasks import scoring, tracking
+from tasks.config import TrainConfig
 from tasks.shards import fresh_tmp_dir, publish_dir, sha256_file
 from tasks.stage import stage_dir, stage_task
+
 
 class MlflowReporter:
     """Trainer callback: metrics to MLflow in batches, a progress bar on the terminal."""
@@ -100,7 +99,7 @@ def init_source(spec: str) -> str:
     """What ``train.init_from`` names: a registered model as models:/NAME/VERSION (an alias or
     /latest resolved), runs:/ as given, a local checkpoint as its file's absolute path."""
     if spec.startswith("models:/"):
-        mv = model_version(spec)
+        mv = tracking.model_version(spec)
         return f"models:/{mv.name}/{mv.version}"
     return spec if spec.startswith(REMOTE) else str(init_checkpoint(spec).resolve())
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.services import free_port, services as make_services, start_all
+from infra.services import free_port, start_all
+from infra.services import services as make_services
 from tasks import pydoc_site
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,8 +82,8 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 60
 def run_stages(d: Path, served_url: str) -> dict[str, dict]:
     """collect (the embedded site served at ``served_url``, as the flow crawls it) -> extract ->
     filter (demo profile) -> dedup -> decontaminate -> tokenize into folders under ``d``; their manifests."""
-    from flows.config import CollectConfig, DecontaminateConfig, DedupConfig, ExtractConfig, TokenizeConfig, load_config
     from tasks.collect import collect_pydoc_site
+    from tasks.config import CollectConfig, DecontaminateConfig, DedupConfig, ExtractConfig, TokenizeConfig, load_config
     from tasks.decontaminate import decontaminate
     from tasks.dedup import dedup
     from tasks.extract import extract

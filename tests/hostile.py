@@ -136,8 +136,8 @@ EXPECTED = {
 
 
 def main(site_dir: str, out: str) -> None:
-    from flows.config import CollectConfig
     from tasks.collect import collect
+    from tasks.config import CollectConfig
     from tasks.shards import read_table
 
     loopback_up()

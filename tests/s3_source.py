@@ -31,8 +31,8 @@ def main(site_dir: str, out: str) -> None:
                        "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"})
     import fsspec
 
-    from flows.config import CollectConfig
     from tasks.collect import collect
+    from tasks.config import CollectConfig
     from tasks.shards import read_table
     from tests.test_sources import write_warc
 

@@ -22,6 +22,7 @@ from playwright import sync_api  # the test extra; CI has it: a missing browser 
 from tests.browser import chromium_path, launch, screenshot_on_failure, stop_process_tree, wait_until
 from tests.conftest import BIN, ROOT
 from tests.test_e2e import FINAL, STAGES, parent_runs, stage_runs, task_states, write_config
+
 expect = sync_api.expect
 
 pytestmark = pytest.mark.e2e

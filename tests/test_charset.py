@@ -14,13 +14,13 @@ import gettext
 import html
 import importlib.util
 import pathlib
+import pydoc_data.topics
 import random
 import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import justext
-import pydoc_data.topics
 import pytest
 
 from tasks.charset import Undecodable, codec_for, decode_page, looks_binary
@@ -33,7 +33,7 @@ MOJIBAKE = ("â€", "Ã", "Â", "‚Ä", "Ä¶")   # UTF-8 read as cp1252 / mac
 
 def po_text(locale: str) -> str:
     """The translated messages of WTForms' catalogue for ``locale``."""
-    import wtforms   # installed with mlflow
+    import wtforms  # installed with mlflow
     po = pathlib.Path(wtforms.__file__).parent / "locale" / locale / "LC_MESSAGES" / "wtforms.po"
     return "\n".join(re.findall(r'^msgstr(?:\[\d+\])? "(.+)"$', po.read_text("utf-8"), re.M))
 

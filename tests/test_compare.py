@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from flows.ablate import load_ablation, set_aside, train_steps, variant_overrides
-from flows.config import ConfigError
 from tasks import compare
+from tasks.config import ConfigError
 from tests.conftest import ROOT
 
 

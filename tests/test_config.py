@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
-from flows.config import ConfigError, PipelineConfig, flatten, load_config
+from tasks.config import ConfigError, PipelineConfig, flatten, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,7 +88,7 @@ def test_decontaminate_checks_against_the_evaluate_tasks_unless_told_otherwise()
 
 
 def test_evaluation_sources_are_read_as_collect_reads_them():
-    from flows.config import CollectConfig, EvaluateConfig
+    from tasks.config import CollectConfig, EvaluateConfig
     ev = EvaluateConfig(sources=["https://example.org/docs/", "https://example.org/sitemap.xml", "/data/a.warc.gz",
                                  "s3://bucket/eval.parquet", "/data/pages"])
     c = ev.collect_section(CollectConfig(max_pages=7))

@@ -19,12 +19,23 @@ import yaml
 from pydantic import model_validator
 
 from flows.cli import main
-from flows.config import (PRESET_KEYS, CollectConfig, ConfigError, DedupConfig, ExtractConfig, FilterConfig,
-                          PipelineConfig, Section, TableSource, TokenizeConfig, load_config)
 from flows.pipeline import STAGES, stage_sections
 from ssl_model.config import PRESETS
 from tasks import pydoc_site
 from tasks.collect import pydoc_modules
+from tasks.config import (
+    PRESET_KEYS,
+    CollectConfig,
+    ConfigError,
+    DedupConfig,
+    ExtractConfig,
+    FilterConfig,
+    PipelineConfig,
+    Section,
+    TableSource,
+    TokenizeConfig,
+    load_config,
+)
 from tasks.dedup import lsh_params
 from tasks.train import plan
 
@@ -207,7 +218,7 @@ def test_every_section_validates_back_from_its_dump(tmp_path, text):
 
     walk(cfg)
     if text == "{}":   # every section class of the configuration (a table source only where listed)
-        assert checked == {c for c in all_sections() if c.__module__ == "flows.config"} - {TableSource}
+        assert checked == {c for c in all_sections() if c.__module__ == "tasks.config"} - {TableSource}
 
 
 def test_the_same_meaning_hands_stages_the_same_sections(tmp_path):

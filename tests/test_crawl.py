@@ -15,8 +15,8 @@ from urllib.parse import parse_qs, urljoin, urlsplit
 
 import pytest
 
-from flows.config import CollectConfig
 from tasks.collect import collect
+from tasks.config import CollectConfig
 from tasks.crawler import canonical_url
 from tasks.pydoc_site import serve
 from tasks.shards import read_table

@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from mlflow.tracking import MlflowClient
 
-from flows.config import CollectConfig, ExtractConfig, TableSource, load_config
 from infra.services import free_port
 from tasks.collect import collect
+from tasks.config import CollectConfig, ExtractConfig, TableSource, load_config
 from tasks.dedup import dedup
 from tasks.extract import extract
 from tasks.filter import filter_docs

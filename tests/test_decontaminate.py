@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from flows.config import DecontaminateConfig
 from tasks import evaluate as ev
+from tasks.config import DecontaminateConfig
 from tasks.decontaminate import MIN_HELDOUT, decontaminate, split_hash
 from tasks.dedup import normalize
 from tasks.shards import StageWriter, iter_rows, read_schema, read_table

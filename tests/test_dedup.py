@@ -10,7 +10,7 @@ import pytest
 
 from bench import neardup
 from bench.dedup import doc_table
-from flows.config import DedupConfig
+from tasks.config import DedupConfig
 from tasks.dedup import dedup, normalize
 from tasks.shards import StageWriter, iter_rows, read_table
 

@@ -274,9 +274,9 @@ def test_a_run_with_a_preset_registers_a_model_of_the_presets_shape(tmp_path, se
     """Issue 19: `--set train.preset=...` was shown by `ssl-pipeline config` and ignored by the
     train stage, which trained the default shape. Preset `test` (2 layers x 64, 2 heads, T=64)
     differs from the defaults (4 x 256, 4 heads, T=256) in every key it sets; 2 steps are enough."""
-    from flows.config import PRESET_KEYS
     from ssl_model.checkpoint import load_checkpoint
     from ssl_model.config import PRESETS
+    from tasks.config import PRESET_KEYS
     config = tmp_path / "run.yaml"
     write_config(config, "preset", "preset-gpt", max_steps=2, warmup_steps=1, eval_interval=2, eval_batches=1,
                  checkpoint_interval=2, sample_tokens=0, export_hf=False)
@@ -300,7 +300,8 @@ def test_runs_starting_together_share_one_new_experiment(servers, monkeypatch):
     """Two scheduled runs of a new experiment may both find it missing and both create it (seen
     with two deployment runs started at once): every caller gets the one experiment, none fails."""
     from concurrent.futures import ThreadPoolExecutor
-    from flows import tracking
+
+    from tasks import tracking
     monkeypatch.setenv("MLFLOW_TRACKING_URI", servers["MLFLOW_TRACKING_URI"])
     start = threading.Barrier(8)
 
@@ -320,7 +321,8 @@ def test_a_dataset_logged_by_two_stages_at_once_is_linked_to_both(servers, stage
     extract logs it as input, both find it new, and the server refuses one of the two inserts (seen
     as a failed extract). Both stage runs get it, every time."""
     from concurrent.futures import ThreadPoolExecutor
-    from flows import tracking
+
+    from tasks import tracking
     monkeypatch.setenv("MLFLOW_TRACKING_URI", servers["MLFLOW_TRACKING_URI"])
     client = MlflowClient(servers["MLFLOW_TRACKING_URI"])
     collect, extract = stages["collect"], stages["extract"]

@@ -15,12 +15,12 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from flows.config import DecontaminateConfig, EvaluateConfig, TokenizeConfig
 from ssl_model.checkpoint import load_model
 from ssl_model.config import EOT, preset
 from ssl_model.export import export_checkpoint
 from ssl_model.trainer import TrainSettings, train
 from tasks import evaluate as ev
+from tasks.config import DecontaminateConfig, EvaluateConfig, TokenizeConfig
 from tasks.decontaminate import decontaminate
 from tasks.shards import iter_rows
 from tasks.tokenize import tokenize

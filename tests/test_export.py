@@ -13,13 +13,11 @@ import transformers
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
 
-from ssl_model.config import preset
-from ssl_model.config import EOT, MASK
+from ssl_model.config import EOT, MASK, preset
 from ssl_model.export import export_hf
 from ssl_model.model import GPT
 from tasks.shards import iter_rows
 from tests.conftest import BIN
-
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from datasketch import MinHash
 
-from flows.config import DedupConfig, FilterConfig
+from tasks.config import DedupConfig, FilterConfig
 from tasks.dedup import dedup, normalize, shingle_hash, shingles, signatures
 from tasks.extract import extract_page
 from tasks.filter import Doc, build_filters, filter_docs, judge, mask_pii

@@ -16,7 +16,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from infra.services import AUTOMATION, CRASH_AFTER_S, ensure_crash_automation, services as make_services, start_all
+from infra.services import AUTOMATION, CRASH_AFTER_S, ensure_crash_automation, start_all
+from infra.services import services as make_services
 from tests.browser import wait_until
 from tests.conftest import BIN, cli_env, run_cli
 from tests.test_e2e import DATA_STAGES, STAGES, parent_runs, stage_runs, task_states, write_config
@@ -156,9 +157,9 @@ def test_a_killed_run_is_found_dead_closed_and_retried_to_the_same_result(tmp_pa
 
     # the outputs are those of an uninterrupted computation: the data stages after the kill, from
     # the run's extract output, and training from the run's token shards
-    from flows.config import load_config
     from ssl_model.config import ModelConfig
     from ssl_model.trainer import TrainSettings, train
+    from tasks.config import load_config
     from tasks.decontaminate import decontaminate
     from tasks.dedup import dedup
     from tasks.filter import filter_docs
@@ -263,6 +264,14 @@ def server_task_states(api: str, fr_id: str) -> dict[str, str]:
     return {r["name"]: r["state"]["type"] for r in sorted(runs, key=lambda r: r["created"]) if r["state"]}
 
 
+def collect_cached(run_dir: Path) -> bool:
+    """collect's result record is in the results cache. Prefect sets a task Completed before its
+    transaction writes that record: a kill in between leaves collect to run again on retry."""
+    done = str(run_dir / "collect")
+    return (run_dir / "collect" / "_manifest.json").exists() and any(
+        done in f.read_text(errors="replace") for f in (run_dir.parent / ".results").glob("*") if f.is_file())
+
+
 def stopped_at_work(run: subprocess.Popen, stage: str, runs: Path, api: str, log: Path) -> Path:
     """Freeze ``run`` (SIGSTOP) while ``stage`` is at work, and once the Prefect server knows it is: the
     stage's temporary output folder exists and its final one does not, its task run is Running on
@@ -276,8 +285,8 @@ def stopped_at_work(run: subprocess.Popen, stage: str, runs: Path, api: str, log
         run_dir = tmps[0].parent if tmps else None
         if run_dir is None or (run_dir / stage / "_manifest.json").exists():
             return None
-        if stage == "extract" and not (run_dir / "collect" / "_manifest.json").exists():
-            return None   # extract follows collect: killed once collect is done
+        if stage == "extract" and not collect_cached(run_dir):
+            return None   # extract follows collect: killed once collect is done and its result kept
         return run_dir
     run_dir = wait_until(working, 300, f"{stage} to be at work", every=0.01)
     want = {stage: "RUNNING", **({"collect": "COMPLETED"} if stage == "extract" else {}),

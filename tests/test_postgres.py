@@ -26,10 +26,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from infra.postgres import DATABASES, Postgres
-from infra.services import Service, free_port, services as make_services, start_all
+from infra.services import Service, free_port, start_all
+from infra.services import services as make_services
 from tests.conftest import BIN, ROOT, run_cli
-from tests.test_e2e import (STAGES, deployment_run, flow_run_id, runs_exited, stop_workers, wait_flow_run,
-                            write_config)
+from tests.test_e2e import STAGES, deployment_run, flow_run_id, runs_exited, stop_workers, wait_flow_run, write_config
 
 pytestmark = pytest.mark.e2e
 COMPOSE = yaml.safe_load((ROOT / "infra/docker-compose.yml").read_text())

@@ -16,9 +16,9 @@ from collections import Counter
 
 import pyarrow.parquet as pq
 
-from flows.config import CollectConfig
 from tasks import pydoc_site
 from tasks.collect import collect, collect_pydoc_site
+from tasks.config import CollectConfig
 from tasks.shards import read_table
 from tests.conftest import ROOT
 
@@ -65,7 +65,7 @@ def test_killed_collect_resumes_without_refetching(tmp_path, site_dir):
     url = f"http://127.0.0.1:{server.server_port}/"
     out = tmp_path / "collect"
     slow = f"CollectConfig(allow_private={LOCAL!r}, per_host_rps=6, concurrency=2)"
-    child = subprocess.Popen([sys.executable, "-c", f"from flows.config import CollectConfig; "
+    child = subprocess.Popen([sys.executable, "-c", f"from tasks.config import CollectConfig; "
                               f"from tasks.collect import collect; collect({slow}, {str(out)!r}, start_urls=[{url!r}])"],
                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -98,7 +98,7 @@ def test_killed_crawl_of_the_embedded_site_resumes_on_another_port(tmp_path, sit
     fetched again, and the crawl ends with the pages of an uninterrupted one, each once."""
     first, hits_first = counting_server(site_dir)
     out = tmp_path / "collect"
-    child = subprocess.Popen([sys.executable, "-c", "from flows.config import CollectConfig; "
+    child = subprocess.Popen([sys.executable, "-c", "from tasks.config import CollectConfig; "
                               "from tasks.collect import collect_pydoc_site; collect_pydoc_site("
                               f"CollectConfig(per_host_rps=6, concurrency=2), {str(out)!r}, "
                               f"'http://127.0.0.1:{first.server_port}/')"],

@@ -17,8 +17,8 @@ import pytest
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
-from flows.config import CollectConfig, TableSource
 from tasks.collect import collect
+from tasks.config import CollectConfig, TableSource
 from tasks.pydoc_site import serve
 from tasks.shards import read_table
 from tests.conftest import ROOT

@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 from tokenizers import Tokenizer
 
-from flows.config import CollectConfig, DedupConfig, ExtractConfig, FilterConfig, load_config
 from tasks import pydoc_site
 from tasks.collect import collect
+from tasks.config import CollectConfig, DedupConfig, ExtractConfig, FilterConfig, load_config
 from tasks.dedup import dedup, normalize
 from tasks.extract import extract
 from tasks.filter import Doc, build_filters, filter_docs, judge
@@ -222,7 +222,7 @@ def test_normalize_ignores_case_punctuation_and_spacing():
 def test_tokenize_gives_the_same_shards_whatever_order_the_documents_came_in(tmp_path, stages):
     """collect writes pages as concurrent fetches return them, so the same documents reach tokenize
     in another order and other shards from run to run; the token shards must not follow it."""
-    from flows.config import TokenizeConfig
+    from tasks.config import TokenizeConfig
     from tasks.tokenize import tokenize
     rows = list(iter_rows(stages["decontaminate"]))
     schema = pq.read_schema(Path(stages["decontaminate"]["dir"]) / "part-00000.parquet")

@@ -4,13 +4,13 @@ bit-exact resume after SIGKILL, DDP on gloo against one process, the loss-spike 
 from __future__ import annotations
 
 import json
-from collections import Counter
 import math
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 from dataclasses import asdict
 
 import pytest
@@ -19,8 +19,8 @@ import torch
 from ssl_model.checkpoint import latest_checkpoint, load_checkpoint, model_from
 from ssl_model.config import preset
 from ssl_model.data import Batches, TokenShards
-from ssl_model.objectives import Contrastive, MaskedLM
 from ssl_model.model import GPT
+from ssl_model.objectives import Contrastive, MaskedLM
 from ssl_model.trainer import TrainSettings, lr_factor, train
 from tests.conftest import BIN, ROOT
 

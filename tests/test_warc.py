@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import gzip
 import http.server
+import idlelib
 import io
 import tracemalloc
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
-import idlelib
 import pytest
 from warcio.archiveiterator import ArchiveIterator
 from warcio.statusandheaders import StatusAndHeaders

@@ -11,8 +11,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from flows.config import CollectConfig, ExtractConfig
 from tasks.collect import collect
+from tasks.config import CollectConfig, ExtractConfig
 from tasks.extract import extract
 from tasks.shards import follow_rows, future_state
 from tests.browser import wait_until

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import mlflow
@@ -18,7 +19,7 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from flows.config import PipelineConfig, flatten
+from tasks.config import PipelineConfig, flatten
 
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the CLI prints the links once
 FLOW_RUN_TAG = "prefect.flow_run_id"
@@ -208,3 +209,34 @@ def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None
     else:
         client().log_artifact(run_id, str(path), artifact_path)
 
+
+# --- registered models ---------------------------------------------------------------------
+MODEL_URI_RE = re.compile(r"models:/([^/@]+)(?:/([^/@]+)|@([^/@]+))")
+
+
+class LineageError(Exception):
+    """A message for the user; ``code`` is the exit status (1: no such document, 2: no such model or run)."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+def model_version(uri: str):
+    """The registered model version of ``models:/NAME/VERSION``, ``models:/NAME/latest`` or ``models:/NAME@ALIAS``."""
+    m = MODEL_URI_RE.fullmatch(uri.strip())
+    if not m:
+        raise LineageError(f"{uri!r} is not a registered model URI: models:/NAME/VERSION, models:/NAME/latest "
+                           f"or models:/NAME@ALIAS")
+    name, version, alias = m.groups()
+    try:
+        if alias:
+            return client().get_model_version_by_alias(name, alias)
+        if version == "latest":
+            versions = client().search_model_versions(f"name = '{name}'")
+            if versions:
+                return max(versions, key=lambda v: int(v.version))
+            raise LineageError(f"no registered model {name!r} at {mlflow.get_tracking_uri()}")
+        return client().get_model_version(name, version)
+    except MlflowException as e:
+        raise LineageError(f"no registered model {uri} at {mlflow.get_tracking_uri()} ({e.message})") from None
