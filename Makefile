@@ -1,5 +1,6 @@
 # make demo   install, start local Prefect + MLflow servers, run the pipeline on the embedded pydoc site
 # make test   install with test extras and the Debian packages the tests need, run the test suite
+# make docs   serve the documentation site on http://127.0.0.1:8000 (make docs-build: strict build into site/)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -7,7 +8,7 @@ PREFECT_PORT ?= 4200
 MLFLOW_PORT  ?= 5000
 SERVICES_ENV := PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT)
 
-.PHONY: install system-deps demo test services stop clean bench-datatrove-env
+.PHONY: install system-deps demo test docs docs-build services stop clean bench-datatrove-env
 
 install: $(VENV)/.installed
 
@@ -32,6 +33,14 @@ system-deps:
 test: install system-deps
 	$(BIN)/python -m pytest
 
+# the docs' reference pages are generated from the code at build time (docs/hooks.py); mkdocs and
+# mkdocs-material come with the test extra (and the docs extra)
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8000
+
+docs-build: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 stop:
 	$(BIN)/python -m infra.services stop
 
@@ -42,4 +51,4 @@ bench-datatrove-env:
 		"xxhash==3.8.2" tokenizers regex
 
 clean: stop
-	rm -rf runs .ssl
+	rm -rf runs .ssl site

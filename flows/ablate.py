@@ -74,7 +74,8 @@ class AblationConfig(BaseModel):
     base: str | None = Field(None, description="The pipeline config every variant starts from (relative to the "
                                                "ablation file; null: the built-in defaults).")
     set: dict[str, Any] = Field({}, description="section.key: value overrides of the base, for every variant.")
-    ablate: AblateSettings = Field(default_factory=AblateSettings)
+    ablate: AblateSettings = Field(default_factory=AblateSettings, description="How the variants are trained, "
+                                                                              "held out and compared.")
     variants: dict[str, dict[str, Any]] = Field(description="name: {section.key: value, ...} for each variant.")
 
     @model_validator(mode="after")
