@@ -181,12 +181,12 @@ class C4Config(Section):
 class FineWebConfig(Section):
     enabled: bool = Field(True, description="Apply FineWeb's own quality rules.")
     line_punct_thr: float = Field(0.12, description="Drop when the fraction of lines ending in terminal "
-                                                    "punctuation is at most this.")
+                                                    "punctuation is below this.")
     line_punct_exclude_zero: bool = Field(False, description="Keep documents with no such line at all.")
-    short_line_thr: float = Field(0.67, description="Drop when the fraction of short lines is at least this.")
+    short_line_thr: float = Field(0.67, description="Drop when the fraction of short lines is above this.")
     short_line_length: int = Field(30, description="Lines of at most this many characters are short.")
     char_duplicates_ratio: float = Field(0.01, description="Drop when characters in duplicated lines / "
-                                                           "non-newline characters is at least this.")
+                                                           "non-newline characters is above this.")
     new_line_ratio: float = Field(0.3, description="Drop when newlines per word exceed this (lists).")
 
 
