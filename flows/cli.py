@@ -98,23 +98,56 @@ def cmd_ablate(args) -> int:
     return 0
 
 
+DATA_STAGES = ("collect", "extract", "filter", "dedup", "decontaminate", "tokenize")
+
+
+def run_options(args) -> str | None:
+    """What is wrong with ``--until``, ``--from`` and ``--data`` together (None: nothing)."""
+    if args.until is not None and args.until not in (*DATA_STAGES, "train"):
+        return f"--until {args.until}: not a stage to stop after ({', '.join(DATA_STAGES)}, train)"
+    if args.start_from is not None and args.start_from != "train":
+        return (f"--from {args.start_from}: a run can only start from train (--from train --data RUN); "
+                "to score a trained model again: ssl-pipeline evaluate MODEL")
+    if (args.start_from is None) != (args.data is None):
+        return "--from train and --data RUN go together: train on the data of an earlier run"
+    if args.start_from and args.until in DATA_STAGES:
+        return f"--until {args.until} with --from train: a run that starts at train has no data stage to stop after"
+    return None
+
+
 def cmd_run(args) -> int:
     try:  # refuse a bad config before any work starts
         cfg = load_config(args.config, args.set)
     except ConfigError as e:
         print(f"ssl-pipeline: {e}", file=sys.stderr)
         return 2
+    if problem := run_options(args):
+        print(f"ssl-pipeline run: {problem}", file=sys.stderr)
+        return 2
+    data = data_run = None
+    if args.data is not None:   # the data to train on, found before any work starts
+        from flows.data_runs import DataRunError, for_training
+        data_run = str(Path(args.data).resolve()) if Path(args.data).exists() else args.data
+        try:
+            data = for_training(data_run, cfg.data_dir, heldout=cfg.evaluate.enabled)
+        except DataRunError as e:
+            print(f"ssl-pipeline run: --data {e}", file=sys.stderr)
+            return 2
     if not tasks_available(cfg):
         return 2
     from flows.pipeline import pipeline
     state = pipeline(config_path=str(Path(args.config).resolve()) if args.config else None,
-                     overrides=args.set, return_state=True)
+                     overrides=args.set, until=args.until, start_from=args.start_from, data_run=data_run,
+                     return_state=True)
     flow_run_id = str(state.state_details.flow_run_id) if state.state_details else None
     if not state.is_completed():
         print(f"ssl-pipeline: run failed: {state.message}", file=sys.stderr)
         print("\n".join(_failure_hint(args, cfg, flow_run_id)), file=sys.stderr)
         return 1
     summary = state.result()
+    if "model_uri" not in summary:
+        print("\n".join(_data_run_text(args, state.message, summary, flow_run_id)))
+        return 0
     if summary.get("evaluation"):
         print(f"\nEvaluation (lm-evaluation-harness; ± one standard error):\n{summary['evaluation']}")
     print(f"\nDone: {state.message}")
@@ -122,6 +155,55 @@ def cmd_run(args) -> int:
     print(f"MLflow run:       {summary['mlflow_run_url']}")
     print(f"Data:             {summary['run_dir']}")
     print("\n".join(_ui_hint(flow_run_id)))
+    if data is not None:
+        print(f"Trained on:       {data.manifests['tokenize']['dir']}  (the data of {data.describe()})")
+    return 0
+
+
+def _data_run_text(args, message: str, summary: dict, flow_run_id: str | None) -> list[str]:
+    """After a run that stopped before train: where its data is, and how to go on from it."""
+    stages = summary["stages"]
+    last = list(stages)[-1]
+    lines = [f"\nDone: {message} (no model trained)", "", f"{'stage':<14}{'documents':>10}  sha256        folder"]
+    lines += [f"{s:<14}{m['rows']:>10}  {m['digest'][:12]}  {m['dir']}" for s, m in stages.items()]
+    if "train_tokens" in stages[last]:
+        lines.append(f"{'':<14}tokens: train {stages[last]['train_tokens']}, val {stages[last].get('val_tokens')}")
+    lines += ["", f"Data:             {stages[last]['dir']}  ({last}, sha256 {stages[last]['digest']})",
+              f"Run folder:       {summary['run_dir']}" + ("" if Path(summary["run_dir"]).is_dir() else
+                                                            "  (not written: every stage came back cached)"),
+              f"MLflow run:       {summary['mlflow_run_url']}"]
+    lines += _ui_hint(flow_run_id)
+    again = ["ssl-pipeline", "run", *(["--config", args.config] if args.config else []),
+             *(x for o in args.set for x in ("--set", o))]
+    if last == "tokenize":
+        lines.append(f"Train on it:      {shlex.join([*again, '--from', 'train', '--data', flow_run_id])}")
+    else:
+        lines.append(f"Go on to tokenize: {shlex.join([*again, '--until', 'tokenize'])}  "
+                     "(finished stages come back cached)")
+    if any(s in stages for s in ("extract", "filter", "dedup", "decontaminate")):
+        lines.append(f"Export the corpus: ssl-pipeline export-corpus {flow_run_id} corpus-{flow_run_id[:8]}  "
+                     "(a Hugging Face datasets folder)")
+    return lines
+
+
+def cmd_export_corpus(args) -> int:
+    """An earlier run's curated documents as a Hugging Face ``datasets`` folder, logged in MLflow."""
+    from flows.corpus import export_corpus
+    from flows.data_runs import DataRunError, resolve
+    try:
+        run = resolve(args.run, args.data_dir)
+        out = export_corpus(run, args.out, args.stage, args.force)
+    except (DataRunError, OSError) as e:
+        print(f"ssl-pipeline export-corpus: {e}", file=sys.stderr)
+        return 2
+    print(f"{out['rows']} documents of the {out['stage']} stage (sha256 {out['digest']}) written to {out['dir']}")
+    print(f"  {len(out['files'])} Parquet file(s) under data/, and README.md (the dataset card)")
+    print(f"Load it:          datasets.load_dataset({out['dir']!r}, split='train')")
+    if out["mlflow_run_id"]:
+        print(f"MLflow:           dataset {out['dataset']!r} logged as an input (context export) of pipeline run "
+              f"{out['mlflow_run_url']}")
+    else:
+        print(f"MLflow:           not logged: {run.describe()}")
     return 0
 
 
@@ -224,6 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one setting, e.g. --set train.max_steps=200 (repeatable)")
         sp.set_defaults(fn=fn)
+        if name == "run":
+            sp.add_argument("--until", metavar="STAGE", help=f"stop after this stage ({', '.join(DATA_STAGES)}, "
+                                                             "train): curate data here, train elsewhere")
+            sp.add_argument("--from", dest="start_from", metavar="STAGE",
+                            help="start from this stage: only train, on the data named by --data")
+            sp.add_argument("--data", metavar="RUN", help="with --from train: the run whose token shards to train "
+                                                          "on: its Prefect flow run id, its pipeline MLflow run id, "
+                                                          "or its folder")
     sp = sub.add_parser("ablate", help="train the same model on data prepared different ways (variants) and "
                                        "compare them on one evaluation suite")
     sp.add_argument("--config", required=True, help=f"ablation file: base config, ablate settings, variants "
@@ -238,6 +328,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("out", help="new folder for config.json, model.safetensors and the tokenizer")
     sp.add_argument("--tokenizer", help="tokenizer.json to include (the tokenize stage's)")
     sp.set_defaults(fn=cmd_export)
+    sp = sub.add_parser("export-corpus", help="export a run's curated documents as a Hugging Face datasets "
+                                              "folder (Parquet shards and a dataset card)")
+    sp.add_argument("run", metavar="RUN", help="the run: its Prefect flow run id, its pipeline MLflow run id, or "
+                                               "its folder")
+    sp.add_argument("out", help="new folder for data/train-*.parquet and README.md")
+    sp.add_argument("--stage", choices=["extract", "filter", "dedup", "decontaminate"],
+                    help="the documents kept by this stage (default: the last of these the run has, "
+                         "the training corpus)")
+    sp.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    sp.add_argument("--data-dir", default="runs", help="where a flow run id's folder is looked for when MLflow "
+                                                       "does not know it (default: %(default)s)")
+    sp.set_defaults(fn=cmd_export_corpus)
     sp = sub.add_parser("evaluate", help="score a model with lm-evaluation-harness as the evaluate stage does")
     sp.add_argument("model", help="models:/NAME/VERSION (or /latest, @ALIAS), runs:/RUN_ID/PATH to a checkpoint, "
                                   "or a Hugging Face model folder")

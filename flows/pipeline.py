@@ -19,7 +19,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 from prefect.utilities.annotations import quote
 
-from flows import recovery
+from flows import data_runs, recovery
 from tasks import tracking
 from tasks.collect import collect_task
 from tasks.config import ConfigError, PipelineConfig, load_config
@@ -69,26 +69,35 @@ def make_ctx(cfg: PipelineConfig, flow_run_id: str, parent_run_id: str, run_dir:
             "cache": {**cfg.cache.handoff(), "storage": cfg.cache.storage or str(data_dir / ".results")}}
 
 
-STAGE_SUMMARY = ("digest", "rows", "dir", "mlflow_run_id", "train_tokens", "train_docs", "tokens_per_step",
-                 "suite_digest")
+STAGE_SUMMARY = ("digest", "rows", "dir", "mlflow_run_id", "train_tokens", "val_tokens", "train_docs",
+                 "tokens_per_step", "suite_digest")
 
 
 @flow(name="ssl-pipeline", log_prints=True)
 def pipeline(config_path: str | None = None, overrides: list[str] | None = None, eval_docs: dict | None = None,
-             parent_run_id: str | None = None, run_dir: str | None = None, until: str | None = None):
+             parent_run_id: str | None = None, run_dir: str | None = None, until: str | None = None,
+             start_from: str | None = None, data_run: str | None = None):
     """From raw web pages to a pretrained model, every step recorded in MLflow.
 
     ``eval_docs``: a manifest of evaluation documents (any stage's: doc_id, url, source, text),
     which the suite includes and training excludes; default: those of evaluate.sources, collected
     here. ``parent_run_id``: the MLflow run this one nests under (an ablation's); ``run_dir``: the folder
-    of this run's stages (default ``<data_dir>/<flow run id>``); ``until``: the last stage to run."""
+    of this run's stages (default ``<data_dir>/<flow run id>``); ``until``: the last stage to run.
+    ``start_from="train"`` with ``data_run`` (an earlier run's flow run id, pipeline MLflow run id or
+    folder: see flows/data_runs.py): no data stage runs; train (and evaluate) take that run's."""
     log = get_run_logger()
     try:
         cfg = load_config(config_path, overrides)
         sections = stage_sections(cfg)
         if until is not None and until not in dict(STAGES):
             raise ConfigError(f"until: {until!r} is not a stage ({', '.join(dict(STAGES))})")
-    except ConfigError as e:
+        data = None
+        if start_from is not None or data_run is not None:
+            if start_from != "train" or not data_run or until in data_runs.DATA_STAGES:
+                raise ConfigError(f"start_from={start_from!r}, data_run={data_run!r}, until={until!r}: start_from "
+                                  "can only be 'train', with data_run naming the data, and until train or evaluate")
+            data = data_runs.for_training(data_run, cfg.data_dir, heldout=cfg.evaluate.enabled)
+    except (ConfigError, data_runs.DataRunError) as e:
         return Failed(message=str(e))
     data_dir = Path(cfg.data_dir).resolve()
     run_dir = Path(run_dir).resolve() if run_dir else data_dir / flow_run.get_id()
@@ -102,14 +111,22 @@ def pipeline(config_path: str | None = None, overrides: list[str] | None = None,
                                          parent_run_id=parent_run_id)
     ctx = make_ctx(cfg, flow_run.get_id(), parent, run_dir)
     log.info("MLflow run: %s", tracking.run_url(parent))
+    if data:
+        data_runs.record(parent, data, evaluate=cfg.evaluate.enabled)
+        log.info("training on the data of %s: %s", data.describe(), data.manifests["tokenize"]["dir"])
     manifests: dict[str, dict] = {}
     inputs: list[dict] = []
     stage = "collect"
     try:
         # a Dask cluster for the shards of work of the data stages, when runner.task_runner is dask
         with dask_cluster(cfg.runner.handoff()) as ctx["runner"]:
-            running = _collect_and_extract(ctx, sections)
+            running = _collect_and_extract(ctx, sections) if data is None else {}
             for stage, task in STAGES:
+                if data is not None and stage in data_runs.DATA_STAGES:   # the data run's stages
+                    if stage in data.manifests:
+                        manifests[stage] = data.manifests[stage]
+                        inputs = [manifests[stage]]
+                    continue
                 if stage == "decontaminate":
                     eval_docs = eval_docs if eval_docs is not None else eval_documents(ctx, cfg, sections)
                     inputs = inputs + ([eval_docs] if eval_docs else [])
@@ -140,7 +157,8 @@ def pipeline(config_path: str | None = None, overrides: list[str] | None = None,
         raise
     _report(parent, manifests)
     # the whole lineage on the parent run, stages reused from earlier runs too: one request
-    tags = {f"ssl_pipeline.{m['stage']}.{k}": m[k] for m in manifests.values() for k in ("digest", "mlflow_run_id")}
+    tags = {f"ssl_pipeline.{m['stage']}.{k}": m[k] for m in manifests.values() for k in ("digest", "mlflow_run_id")
+            if k in m}
     if "train" in manifests:
         tags["ssl_pipeline.model_uri"] = manifests["train"]["model_uri"]
     tracking.client().log_batch(parent, tags=[RunTag(k, v) for k, v in tags.items()])
