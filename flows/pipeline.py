@@ -12,7 +12,7 @@ import httpx
 import yaml
 from mlflow.entities import RunTag
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.deployments import run_deployment
 from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
@@ -235,6 +235,7 @@ def notify_failure(cfg, parent_run_id: str, stage: str, error: str) -> None:
 
 
 def _report(parent: str, manifests: dict[str, dict]) -> None:
-    rows = tracking.funnel(manifests)
-    tracking.log_funnel(parent, rows)
+    rows = tracking.log_funnel(parent, manifests)
     create_table_artifact(key="funnel", table=rows, description="Documents per stage, dropped by reason")
+    create_markdown_artifact(key="funnel-report", description="The funnel: documents per stage, dropped by reason",
+                             markdown=tracking.funnel_markdown(manifests, parent))

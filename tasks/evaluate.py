@@ -608,7 +608,8 @@ def log_report(run_id: str, report: dict, out: Path, model_uri: str | None, desc
             c.set_model_version_tag(name, version, "eval.suite_sha256", report["suite"]["digest"])
         c.set_model_version_tag(name, version, "eval.mlflow_run_id", run_id)
         if describe:
-            c.update_model_version(name, version, description=f"Evaluated (MLflow run {run_id}): {headline_text(report)}")
+            tracking.describe_model_version(name, version, f"Evaluated (MLflow run {run_id}): {headline_text(report)}",
+                                            replaces="Evaluated")
 
 
 @stage_task("evaluate")

@@ -25,6 +25,12 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the C
 FLOW_RUN_TAG = "prefect.flow_run_id"
 STAGE_TAG = "ssl_pipeline.stage"
 CACHE_KEY_TAG = "ssl_pipeline.cache_key"
+# What an experiment holds, for the MLflow UI: model training (runs, their charts, registered
+# models), not a GenAI app (traces). MLflow 3.17's UI opens an experiment by the GenAI / Model
+# training switch, which it reads from the link (UI_QUERY) or the browser's last choice, never from
+# this tag (mlflow/mlflow#24498); UIs that read the tag (earlier 3.x, MLflow's own kind selector) do.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+UI_QUERY = "?workflowType=machine_learning"
 
 
 def client() -> MlflowClient:
@@ -32,17 +38,21 @@ def client() -> MlflowClient:
 
 
 def experiment_id(name: str) -> str:
-    """The experiment's id, created on first use. Two runs starting together may both find it
+    """The experiment's id, created on first use, of the model-training kind (an existing one
+    without a kind gets it; a kind someone chose stays). Two runs starting together may both find it
     missing: the one whose create loses the race takes the winner's."""
+    key, kind = EXPERIMENT_KIND
     exp = client().get_experiment_by_name(name)
-    if exp:
-        return exp.experiment_id
-    try:
-        return client().create_experiment(name)
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-        return client().get_experiment_by_name(name).experiment_id
+    if exp is None:
+        try:
+            return client().create_experiment(name, tags={key: kind})
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            exp = client().get_experiment_by_name(name)
+    if key not in exp.tags:
+        client().set_experiment_tag(exp.experiment_id, key, kind)
+    return exp.experiment_id
 
 
 def _find_run(exp_id: str, flow_run_id: str, stage: str | None) -> str | None:
@@ -183,23 +193,103 @@ def funnel(manifests: dict[str, dict]) -> list[dict]:
             for s, m in manifests.items()]
 
 
-def log_funnel(run_id: str, rows: list[dict]) -> None:
+MODEL_STAGES = ("train", "evaluate")   # their rows count other things than the documents kept
+
+
+def _documents(manifests: dict[str, dict]) -> dict[str, dict]:
+    return {s: m for s, m in manifests.items() if s not in MODEL_STAGES}
+
+
+def funnel_figure(manifests: dict[str, dict]):
+    """The funnel of the data stages as a chart: per stage the documents kept and dropped (top),
+    and every stage's drops by reason, one labelled bar per reason code (bottom)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = funnel(_documents(manifests))
+    drops = [(r["stage"], reason, n, i) for i, r in enumerate(rows)
+             for reason, n in sorted(manifests[r["stage"]]["reasons"].items(), key=lambda x: -x[1])]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 1.6 + 0.3 * (len(rows) + max(len(drops), 1))),
+                                      height_ratios=[max(len(rows), 1), max(len(drops), 1)])
+    y = range(len(rows))
+    top.barh(y, [r["docs_out"] for r in rows], color="#3b6ea8", label="kept")
+    top.barh(y, [r["dropped"] for r in rows], left=[r["docs_out"] for r in rows], color="#c9c9c9", label="dropped")
+    for i, r in enumerate(rows):
+        top.text(r["docs_out"] + r["dropped"], i, f" {r['docs_out']} kept, {r['dropped']} dropped", va="center",
+                 fontsize=8)
+    top.set_yticks(list(y), [r["stage"] for r in rows])
+    top.set_title("Documents per stage", fontsize=10)
+    top.legend(fontsize=8, loc="lower right")
+    if drops:
+        bottom.barh(range(len(drops)), [n for _, _, n, _ in drops], color=[f"C{i % 10}" for *_, i in drops])
+        for j, (_, _, n, _) in enumerate(drops):
+            bottom.text(n, j, f" {n}", va="center", fontsize=8)
+        bottom.set_yticks(range(len(drops)), [f"{stage}: {reason}" for stage, reason, _, _ in drops])
+    else:
+        bottom.set_yticks([])
+        bottom.text(0.5, 0.5, "nothing dropped", ha="center", va="center", transform=bottom.transAxes)
+    bottom.set_title("Dropped, by stage and reason", fontsize=10)
+    bottom.set_xlabel("documents")
+    for ax in (top, bottom):
+        ax.invert_yaxis()
+        ax.tick_params(labelsize=8)
+        ax.margins(x=0.25)
+    fig.tight_layout()
+    return fig
+
+
+def funnel_markdown(manifests: dict[str, dict], run_id: str | None = None) -> str:
+    """The funnel for Prefect's UI: a sentence, the counts per stage, the drops by reason; with
+    ``run_id`` (the pipeline's MLflow run), links to it and to its experiment's runs."""
+    rows = funnel(_documents(manifests))
+    if not rows:
+        return "No data stage ran."
+    first, last = rows[0], rows[-1]
+    text = [f"**{first['docs_in']}** documents in at {first['stage']}, **{last['docs_out']}** left after "
+            f"{last['stage']}."]
+    if last["docs_out"] == 0:
+        text[0] += f" The run stopped at **{last['stage']}**: no documents left."
+    if "train" in manifests:
+        text.append(f"Model trained on them: `{manifests['train']['model_uri']}`.")
+    if run_id and (url := run_url(run_id)).startswith("http"):
+        text.append(f"MLflow: [the pipeline run]({url}) (its artifacts `funnel.png`, `funnel.md`, `funnel.json`), "
+                    f"[the experiment's runs]({run_url(run_id, experiment=True)}).")
+    lines = [" ".join(text), "", "| stage | in | kept | dropped |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['stage']} | {r['docs_in']} | {r['docs_out']} | {r['dropped']} |" for r in rows]
+    drops = [(r["stage"], reason, n) for r in rows
+             for reason, n in sorted(manifests[r["stage"]]["reasons"].items(), key=lambda x: -x[1])]
+    if drops:
+        lines += ["", "| stage | dropped because | documents |", "|---|---|---:|"]
+        lines += [f"| {stage} | `{reason}` | {n} |" for stage, reason, n in drops]
+    return "\n".join(lines) + "\n"
+
+
+def log_funnel(run_id: str, manifests: dict[str, dict]) -> list[dict]:
+    """The funnel on the pipeline's run: ``funnel.md``, ``funnel.json``, ``funnel.png`` and each
+    stage's documents out as a metric; returns its rows."""
+    rows = funnel(manifests)
     lines = ["| stage | docs in | docs out | dropped | dropped by reason |", "|---|---:|---:|---:|---|"]
     lines += [f"| {r['stage']} | {r['docs_in']} | {r['docs_out']} | {r['dropped']} | {r['dropped_by_reason']} |"
               for r in rows]
     _log_text(run_id, "\n".join(lines) + "\n", "funnel.md")
     _log_text(run_id, json.dumps(rows, indent=2), "funnel.json")
+    fig = funnel_figure(manifests)
+    import matplotlib.pyplot as plt
+    client().log_figure(run_id, fig, "funnel.png")
+    plt.close(fig)
     ts = int(mlflow.utils.time.get_current_time_millis())
     client().log_batch(run_id, metrics=[Metric(f"{r['stage']}.docs_out", float(r["docs_out"]), ts, 0)
                                         for r in rows])
+    return rows
 
 
-def run_url(run_id: str) -> str:
+def run_url(run_id: str, experiment: bool = False) -> str:
+    """The run's page in the MLflow UI (``experiment``: its experiment's runs), as model training."""
     uri = mlflow.get_tracking_uri()
     if not uri.startswith("http"):
         return f"run {run_id} in {uri}"
     exp = client().get_run(run_id).info.experiment_id
-    return f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}"
+    return f"{uri.rstrip('/')}/#/experiments/{exp}/runs{'' if experiment else '/' + run_id}{UI_QUERY}"
 
 
 def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
@@ -240,3 +330,15 @@ def model_version(uri: str):
         return client().get_model_version(name, version)
     except MlflowException as e:
         raise LineageError(f"no registered model {uri} at {mlflow.get_tracking_uri()} ({e.message})") from None
+
+
+def describe_model_version(name: str, version: str, paragraph: str, replaces: str, tags: dict | None = None) -> None:
+    """``tags`` on a registered model version, and ``paragraph`` in its description: in place of
+    an earlier paragraph that starts with ``replaces``, after the others (train writes what the
+    model was trained on, evaluate adds its scores)."""
+    c = client()
+    for k, v in (tags or {}).items():
+        c.set_model_version_tag(name, version, k, str(v))
+    current = c.get_model_version(name, version).description or ""
+    kept = [p for p in current.split("\n\n") if p.strip() and not p.startswith(replaces)]
+    c.update_model_version(name, version, description="\n\n".join(kept + [paragraph]))

@@ -92,6 +92,25 @@ def log_model(run_id: str, checkpoint: str, tokenizer: str, registered_name: str
     return f"models:/{registered_name}/{info.registered_model_version}"
 
 
+def describe_model(model_uri: str, run_id: str, ctx: dict, cfg: TrainConfig, shards: dict, tokenizer: str,
+                   tokens: int, result: dict, init: dict | None) -> None:
+    """What the registered version was trained on, as its tags and its description's first paragraph."""
+    name, version = model_uri.removeprefix("models:/").rsplit("/", 1)
+    tags = {"data.sha256": shards["digest"], "data.train_docs": shards["train_docs"],
+            "data.train_tokens": shards["train_tokens"], "tokenizer.sha256": sha256_file(tokenizer),
+            "tokenizer.vocab_size": shards["vocab_size"], "train.objective": cfg.objective, "train.tokens": tokens,
+            "train.params": result["params"], "pipeline.mlflow_run_id": ctx["parent_run_id"],
+            "pipeline.prefect_flow_run_id": ctx["flow_run_id"], **({"train.init_from": init["source"]} if init else {})}
+    text = (f"Trained in MLflow run {run_id} (pipeline run {ctx['parent_run_id']}): {cfg.objective} objective, "
+            f"{result['params']:,} parameters, final val_loss {result['val_loss']:.4f}.\n"
+            f"- data: tokenize output sha256 {shards['digest']}: {shards['train_docs']} documents, "
+            f"{shards['train_tokens']:,} tokens in its train split\n"
+            f"- tokenizer: sha256 {tags['tokenizer.sha256']}, vocabulary {shards['vocab_size']}\n"
+            f"- training: {tokens:,} tokens ({cfg.max_steps} steps)"
+            + (f"\n- initialised from {init['source']}" if init else ""))
+    tracking.describe_model_version(name, version, text, replaces="Trained", tags=tags)
+
+
 REMOTE = ("models:/", "runs:/")   # what train.init_from downloads through MLflow
 
 
@@ -166,6 +185,7 @@ def train_task(ctx: dict, section: dict, inputs: list[dict], run_id: str) -> tup
     model_uri = log_model(run_id, result["checkpoint"], tokenizer, ctx["registered_model"], cfg.objective)
     per_step = cfg.batch_size * cfg.grad_accum * model_cfg.block_size * result["world_size"]
     tokens = cfg.max_steps * per_step
+    describe_model(model_uri, run_id, ctx, cfg, shards, tokenizer, tokens, result, init)
     manifest = {**shards, "stage": "train", "dir": str(out), "dropped": 0, "reasons": {}, "seconds": seconds,
                 "checkpoint": result["checkpoint"], "tokenizer": tokenizer,
                 "model_uri": model_uri, "val_loss": result["val_loss"],

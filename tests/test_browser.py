@@ -264,6 +264,20 @@ def test_mlflow_ui_leads_from_the_registered_model_to_its_training_datasets(page
     # MLflow's promotion of its new registry UI pops up over the page now and then: close it
     page.add_locator_handler(page.get_by_role("dialog").filter(has_text="new Model Registry UI"),
                              lambda d: d.get_by_role("button", name="Close").click())
+    # the experiment, from the link in the flow run's funnel report in Prefect, in a browser that
+    # never chose GenAI or Model training: the runs table, as model training, not a GenAI overview
+    arts = httpx.post(f"{servers['PREFECT_API_URL']}/artifacts/filter", timeout=30, json={
+        "artifacts": {"key": {"any_": ["funnel-report"]}, "flow_run_id": {"any_": [run["id"]]}}}).json()
+    experiment_link = re.search(r"\[the experiment's runs\]\((http[^)]+)\)", arts[-1]["data"]).group(1)
+    assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    with screenshot_on_failure(page, tmp_path / "mlflow-experiment.png"):
+        page.goto(experiment_link)
+        expect(page.get_by_role("link", name=parent.info.run_name, exact=True)).to_be_visible()
+        expect(page.get_by_role("link", name="Model registry", exact=True)).to_be_visible()   # the training sidebar
+        expect(page.get_by_role("link", name="Evaluation runs")).to_have_count(0)
+        expect(page.get_by_text("Token Usage")).to_have_count(0)
+        page.screenshot(path=tmp_path / "experiment.png")   # to look at
+
     with screenshot_on_failure(page, tmp_path / "mlflow.png"):
         page.goto(servers["MLFLOW_TRACKING_URI"] + "/")
         page.get_by_role("button", name="Model training", exact=True).click()
@@ -274,6 +288,12 @@ def test_mlflow_ui_leads_from_the_registered_model_to_its_training_datasets(page
         expect(page).to_have_url(re.compile(f"#/models/{MODEL}/versions/{version_no}$"))
         source_run = page.get_by_test_id("descriptions-item").filter(has_text="Source Run").get_by_role("link")
         expect(source_run).to_have_text(train_run.info.run_name)
+        # what it was trained on (data digest, tokens), then its scores; its tags
+        expect(page.get_by_text(f"Trained in MLflow run {version.run_id}").first).to_be_visible()
+        expect(page.get_by_text(f"tokenize output sha256 {version.tags['data.sha256']}").first).to_be_visible()
+        expect(page.get_by_text("Evaluated (MLflow run ").first).to_be_visible()
+        expect(page.get_by_text(version.tags["data.sha256"], exact=True)).to_be_visible()   # the data.sha256 tag
+        page.screenshot(path=tmp_path / "model-version.png", full_page=True)
         source_run.click()
 
         expect(page).to_have_url(re.compile(f"/runs/{version.run_id}"))

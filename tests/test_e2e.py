@@ -9,6 +9,7 @@ import math
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -128,8 +129,10 @@ def test_pipeline_end_to_end_is_tracked_and_the_registered_model_scores(tmp_path
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "Model:" in proc.stdout and "MLflow run:" in proc.stdout and "Prefect flow run:" in proc.stdout
     fr_id = flow_run_id(proc.stdout)
+    assert "?workflowType=machine_learning" in proc.stdout   # the printed link opens MLflow's model-training view
 
     client = MlflowClient(servers["MLFLOW_TRACKING_URI"])
+    assert client.get_experiment_by_name("e2e").tags["mlflow.experimentKind"] == "custom_model_development"
     parents = parent_runs(client, "e2e", fr_id)
     assert len(parents) == 1
     parent = parents[0]
@@ -187,18 +190,43 @@ def test_pipeline_end_to_end_is_tracked_and_the_registered_model_scores(tmp_path
     assert version.run_id == runs["train"].info.run_id
     mlflow.set_tracking_uri(servers["MLFLOW_TRACKING_URI"])
     model = mlflow.pyfunc.load_model("models:/e2e-gpt/1")
-    tok_dir, dedup_dir = (json.loads(open(client.download_artifacts(
-        runs[s].info.run_id, "manifest.json", str(tmp_path / s))).read())["dir"] for s in ("tokenize", "dedup"))
+    manifests = {s: json.loads(open(client.download_artifacts(runs[s].info.run_id, "manifest.json",
+                                                              str(tmp_path / s))).read()) for s in DATA_STAGES}
+    tok_dir, dedup_dir = manifests["tokenize"]["dir"], manifests["dedup"]["dir"]
     val_ids = set(pq.read_table(f"{tok_dir}/val.idx.parquet")["doc_id"].to_pylist())
     texts = [r["text"] for r in pq.read_table(dedup_dir).to_pylist() if r["doc_id"] in val_ids]
     scores = model.predict(pd.DataFrame({"text": texts}))
     mean_loss = (scores["loss"] * scores["tokens"]).sum() / scores["tokens"].sum()
     assert mean_loss < math.log(1024) - 0.5
 
-    # Prefect: the funnel as a table artifact
+    # the registered version says what it was trained on (its evaluation is added below)
+    tok = manifests["tokenize"]
+    tags = version.tags
+    assert tags["data.sha256"] == tok["digest"] and tags["tokenizer.vocab_size"] == "1024"
+    assert tags["tokenizer.sha256"] == next(f["sha256"] for f in tok["files"] if f["path"] == "tokenizer.json")
+    assert tags["train.objective"] == "causal" and tags["pipeline.mlflow_run_id"] == parent.info.run_id
+    assert float(tags["train.tokens"]) == runs["train"].data.metrics["train_tokens_seen"] > 0
+    assert tags["data.train_tokens"] == str(tok["train_tokens"]) and tags["pipeline.prefect_flow_run_id"] == fr_id
+    trained, evaluated = version.description.split("\n\n")
+    assert trained.startswith(f"Trained in MLflow run {version.run_id} (pipeline run {parent.info.run_id})")
+    assert tok["digest"] in trained and f"{int(tags['train.tokens']):,} tokens" in trained
+    assert evaluated.startswith(f"Evaluated (MLflow run {runs['evaluate'].info.run_id}): ")
+
+    # Prefect: the funnel as a table artifact, and as a report whose numbers are the manifests'
     arts = httpx.post(f"{servers['PREFECT_API_URL']}/artifacts/filter",
-                      json={"artifacts": {"key": {"any_": ["funnel"]}}}).json()
-    assert any(a["flow_run_id"] == fr_id and a["type"] == "table" for a in arts)
+                      json={"artifacts": {"key": {"any_": ["funnel", "funnel-report"]}}}).json()
+    assert any(a["flow_run_id"] == fr_id and a["type"] == "table" and a["key"] == "funnel" for a in arts)
+    (report,) = [a["data"] for a in arts if a["flow_run_id"] == fr_id and a["key"] == "funnel-report"
+                 and a["type"] == "markdown"]
+    for stage in DATA_STAGES:
+        m = manifests[stage]
+        assert f"| {stage} | {m.get('input_rows', m['rows'] + m['dropped'])} | {m['rows']} | {m['dropped']} |" in report
+        assert all(f"| {stage} | `{r}` | {n} |" in report for r, n in m["reasons"].items()), (stage, report)
+    assert f"/runs/{parent.info.run_id}?workflowType=machine_learning)" in report
+    # MLflow: the funnel as a picture on the pipeline's run
+    png = Path(client.download_artifacts(parent.info.run_id, "funnel.png", str(tmp_path))).read_bytes()
+    width, height = struct.unpack(">II", png[16:24])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and 10_000 < len(png) < 1_000_000 and 500 < width < 3000 and 300 < height < 3000
 
     # evaluate: lm-eval's scores with their standard errors, on the registered model's page too
     assert "Evaluation (lm-evaluation-harness" in proc.stdout and "ssl_heldout_bpb" in proc.stdout
@@ -214,7 +242,7 @@ def test_pipeline_end_to_end_is_tracked_and_the_registered_model_scores(tmp_path
     tags = client.get_model_version("e2e-gpt", "1").tags
     assert tags["eval.suite_sha256"] == ev.data.tags["ssl_pipeline.eval_suite_sha256"] and \
         tags["eval.ssl_heldout_bpb.bits_per_byte"].startswith(f"{bpb:.4f} ± ")
-    assert "ssl_heldout_bpb.bits_per_byte" in client.get_model_version("e2e-gpt", "1").description
+    assert "ssl_heldout_bpb.bits_per_byte" in client.get_model_version("e2e-gpt", "1").description.split("\n\n")[1]
     arts = httpx.post(f"{servers['PREFECT_API_URL']}/artifacts/filter",
                       json={"artifacts": {"key": {"any_": ["evaluation"]}}}).json()
     assert any(a["flow_run_id"] == fr_id and a["type"] == "table" for a in arts)
@@ -237,6 +265,7 @@ def test_pipeline_end_to_end_is_tracked_and_the_registered_model_scores(tmp_path
     assert states == {**{s: ["Cached"] for s in DATA_STAGES}, "train": ["Completed"], "evaluate": ["Completed"]}, states
     trained = client.get_run(client.get_model_version("e2e-simcse", "1").run_id)
     assert trained.data.tags["ssl_pipeline.init_from"] == "models:/e2e-gpt/1"
+    assert client.get_model_version("e2e-simcse", "1").tags["train.init_from"] == "models:/e2e-gpt/1"
     asked = client.get_run(trained.data.tags["mlflow.parentRunId"]).data.params
     assert asked["train.init_from"] == "models:/e2e-gpt/latest" and asked["train.objective"] == "contrastive"
     assert "final_val_retrieval_accuracy" in trained.data.metrics
@@ -314,6 +343,21 @@ def test_runs_starting_together_share_one_new_experiment(servers, monkeypatch):
             name = f"race-{i}-{time.time_ns()}"
             ids = list(pool.map(together, [name] * 8))
             assert ids == [MlflowClient(servers["MLFLOW_TRACKING_URI"]).get_experiment_by_name(name).experiment_id] * 8
+
+
+def test_experiments_are_of_the_model_training_kind_unless_someone_chose_another(servers, monkeypatch):
+    """MLflow's UI takes an experiment without a kind for a GenAI one: the pipeline's are model
+    training, and an existing one gets the kind unless it has one."""
+    from tasks import tracking
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", servers["MLFLOW_TRACKING_URI"])
+    client, kind, t = MlflowClient(servers["MLFLOW_TRACKING_URI"]), "mlflow.experimentKind", time.time_ns()
+    old = client.create_experiment(f"untagged-{t}")
+    chosen = client.create_experiment(f"chosen-{t}", tags={kind: "finetuning"})
+    for name in (f"new-{t}", f"untagged-{t}", f"chosen-{t}"):
+        tracking.experiment_id(name)
+    assert client.get_experiment_by_name(f"new-{t}").tags[kind] == "custom_model_development"
+    assert client.get_experiment(old).tags[kind] == "custom_model_development"
+    assert client.get_experiment(chosen).tags[kind] == "finetuning"
 
 
 def test_a_dataset_logged_by_two_stages_at_once_is_linked_to_both(servers, stages, monkeypatch):
@@ -456,6 +500,10 @@ def test_unreachable_start_url_stops_with_one_clear_message(tmp_path, servers, r
     assert "collect: 0 documents left" in proc.stderr and "connect_error=1" in proc.stderr, proc.stderr[-5000:]
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stdout[-3000:] + proc.stderr[-8000:]
     assert list((tmp_path / "runs").glob("*/collect/dropped/part-00000.parquet"))  # what was written stays
+    client = MlflowClient(servers["MLFLOW_TRACKING_URI"])
+    (parent,) = client.search_runs([client.get_experiment_by_name("bad-input").experiment_id],
+                                   "tags.`ssl_pipeline.stopped_at` = 'collect'")
+    assert {"funnel.png", "funnel.md"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
 def test_deployments_run_the_pipeline_on_its_pool_and_training_on_the_gpu_pool(tmp_path, servers):

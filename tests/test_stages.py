@@ -187,6 +187,34 @@ def test_filter_thresholds_come_from_config(stages):
     assert judge(Doc("\n".join(lines * 3), url), build_filters(gopher))[1].startswith("gopher_repetition:dup_")
 
 
+
+def test_funnel_chart_and_report_show_each_stage_and_drop_reason(tmp_path, stages):
+    """The pipeline's funnel (funnel.png in MLflow, the funnel-report in Prefect) on real manifests:
+    the data stages as the tests run them, and a run whose filter kept nothing (it stops there)."""
+    import matplotlib.pyplot as plt
+
+    from tasks import tracking
+    strict = filter_docs(FilterConfig.model_validate({"gopher_quality": {"min_doc_words": 10 ** 6}}),
+                         stages["extract"], tmp_path / "f")
+    assert strict["rows"] == 0 and len(strict["reasons"]) > 1
+    for manifests in (stages, {"collect": stages["collect"], "extract": stages["extract"], "filter": strict}):
+        fig = tracking.funnel_figure(manifests)
+        top, bottom = fig.axes
+        assert [t.get_text() for t in top.get_yticklabels()] == list(manifests)
+        assert [p.get_width() for p in top.patches] == [m["rows"] for m in manifests.values()] + \
+            [m["dropped"] for m in manifests.values()]
+        drops = {f"{s}: {r}": n for s, m in manifests.items() for r, n in m["reasons"].items()}
+        shown = [t.get_text() for t in bottom.get_yticklabels()]   # one bar per reason code of each stage
+        assert sorted(shown) == sorted(drops) and [p.get_width() for p in bottom.patches] == [drops[k] for k in shown]
+        fig.savefig(tmp_path / "funnel.png")
+        plt.close(fig)
+        text = tracking.funnel_markdown(manifests)
+        for s, m in manifests.items():
+            assert f"| {s} | {m.get('input_rows', m['rows'] + m['dropped'])} | {m['rows']} | {m['dropped']} |" in text
+            assert all(f"| {s} | `{r}` | {n} |" in text for r, n in m["reasons"].items())
+    assert "stopped at **filter**: no documents left" in text
+    assert any(":" in r for r in stages["filter"]["reasons"])   # reason codes as long as gopher_quality:min_doc_words
+
 def test_dedup_exact_and_near_duplicates_name_their_survivor(tmp_path, stages):
     src = list(iter_rows(stages["filter"]))
     base = max(src, key=lambda r: len(r["text"]))
