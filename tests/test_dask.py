@@ -29,7 +29,7 @@ from tests.test_sources import PAGES, write_warc
 
 def test_pipeline_runs_its_shards_on_a_two_worker_dask_cluster(tmp_path, servers):
     config = write_config(tmp_path / "run.yaml", "dask", "dask-gpt", max_steps=20)
-    proc = run_cli(["run", "--config", config, "--set", "runner.task_runner=dask",
+    proc = run_cli(["run", "--config", config, "--until", "dedup", "--set", "runner.task_runner=dask",
                     "--set", "runner.dask_workers=2"], servers, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     fr_id = flow_run_id(proc.stdout)

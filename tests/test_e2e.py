@@ -36,15 +36,17 @@ SMALL_TRAIN = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64, "batch
 pytestmark = pytest.mark.e2e
 
 
-def write_config(path, experiment: str, model: str, untrained: bool = False, **train) -> str:
+def write_config(path, experiment: str, model: str, untrained: bool = False, evaluate: bool = True,
+                 **train) -> str:
     """The shipped demo profile, on a smaller slice of the pydoc site and a tiny model; the untrained
-    reference model is scored only where a test asks (``untrained``)."""
+    reference model is scored only where a test asks (``untrained``), the evaluate stage runs unless a
+    test checks nothing of it (``evaluate``: test time)."""
     cfg = yaml.safe_load((ROOT / "flows/profiles/demo.yaml").read_text())
     cfg["collect"]["pydoc_modules"] = list(TEST_MODULES)
     cfg["tokenize"] = {"vocab_size": 1024}
     cfg["train"] = {**SMALL_TRAIN, **train}
     cfg["tracking"] = {"experiment": experiment, "registered_model": model}
-    cfg["evaluate"] = {"max_items": 40, "untrained": untrained}   # cheap in the many runs the tests start
+    cfg["evaluate"] = {"max_items": 40, "untrained": untrained, "enabled": evaluate}   # cheap in the many runs the tests start
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
 
@@ -526,7 +528,7 @@ def test_deployments_run_the_pipeline_on_its_pool_and_training_on_the_gpu_pool(t
 
     # a scheduled run of the nightly deployment, on a small config, picked up by real workers
     config = tmp_path / "run.yaml"
-    write_config(config, "deployed", "deployed-gpt")
+    write_config(config, "deployed", "deployed-gpt", evaluate=False)
     cfg = yaml.safe_load(config.read_text())
     config.write_text(yaml.safe_dump({**cfg, "data_dir": str(tmp_path / "runs")}))
     workers = [subprocess.Popen(prefect + ["worker", "start", "--pool", pool], cwd=ROOT, env=env,
@@ -548,7 +550,7 @@ def test_deployments_run_the_pipeline_on_its_pool_and_training_on_the_gpu_pool(t
     # training ran in the child only; the parent holds the run_deployment call that links them
     link = httpx.get(f"{api}/task_runs/{children[0]['parent_task_run_id']}").json()
     assert link["flow_run_id"] == fr_id
-    assert set(task_states(api, fr_id)) == set(DATA_STAGES) | {link["name"], "evaluate"}
+    assert set(task_states(api, fr_id)) == set(DATA_STAGES) | {link["name"]}
     assert task_states(api, children[0]["id"]) == {"train": ["Completed"]}
     client = MlflowClient(servers["MLFLOW_TRACKING_URI"])
     (parent,) = parent_runs(client, "deployed", fr_id)

@@ -20,7 +20,6 @@ from tasks.dedup import dedup, normalize, shingle_hash, shingles, signatures
 from tasks.extract import extract_page
 from tasks.filter import Doc, build_filters, filter_docs, judge, mask_pii
 from tasks.shards import StageWriter, iter_rows, read_table
-from tests.conftest import ROOT
 
 STOPLISTS = Path(justext.__file__).parent / "stoplists"
 OFF = {"enabled": False}
@@ -41,16 +40,6 @@ def prose(pages) -> dict:
     """The longest page that passes C4's and FineWeb's rules as it is."""
     rules = build_filters(only(c4={}, fineweb={}))
     return next(p for p in pages if judge(Doc(p["text"], p["url"]), rules)[1] is None)
-
-
-def test_every_rule_is_in_the_readme_table():
-    readme = (ROOT / "README.md").read_text()
-    table = readme[readme.index("### Filters"):readme.index("### Dedup")]
-    for f in build_filters(FilterConfig()):
-        for r in f.rules:
-            row = next((ln for ln in table.splitlines() if ln.startswith(f"| `{f.name}:")
-                        and re.search(rf"\b{r.name}\b", ln)), None)
-            assert row, f"{f.name}:{r.name} is missing from README's filter table"
 
 
 def test_language_id_keeps_english_and_drops_other_languages(pages):

@@ -14,7 +14,6 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-import yaml
 from mlflow.tracking import MlflowClient
 
 from infra.services import AUTOMATION, CRASH_AFTER_S, ensure_crash_automation, start_all
@@ -25,6 +24,7 @@ from tests.test_e2e import DATA_STAGES, STAGES, parent_runs, stage_runs, task_st
 
 pytestmark = pytest.mark.e2e
 SILENCE_S = 45   # the automation's window in these tests (heartbeats come every 30 s)
+TRAINED = STAGES[:STAGES.index("train") + 1]   # evaluate off in these runs: nothing after train is compared
 
 
 def flow_state(api: str, fr_id: str) -> dict:
@@ -66,7 +66,8 @@ def test_a_killed_run_is_found_dead_closed_and_retried_to_the_same_result(tmp_pa
     api, client = servers["PREFECT_API_URL"], MlflowClient(servers["MLFLOW_TRACKING_URI"])
     ensure_crash_automation(api, SILENCE_S)
     config = tmp_path / "run.yaml"
-    write_config(config, "killed", "killed-gpt", max_steps=30, checkpoint_interval=10, eval_interval=10)
+    write_config(config, "killed", "killed-gpt", evaluate=False, max_steps=30, checkpoint_interval=10,
+                 eval_interval=10)
     env = cli_env(servers, tmp_path)
     procs: list[subprocess.Popen] = []
     try:
@@ -148,7 +149,7 @@ def test_a_killed_run_is_found_dead_closed_and_retried_to_the_same_result(tmp_pa
     assert parent_run.info.status == "FINISHED"
     runs = stage_runs(client, parent_run.info.run_id)
     assert sorted((r.info.run_name, r.info.status) for r in runs) == sorted(
-        [(s, "FINISHED") for s in STAGES] + [("filter", "KILLED")])
+        [(s, "FINISHED") for s in TRAINED] + [("filter", "KILLED")])
     assert all(r.info.end_time for r in runs)
     (train_run,) = [r for r in runs if r.info.run_name == "train"]
     history = client.get_metric_history(train_run.info.run_id, "loss")
@@ -236,15 +237,8 @@ KILLED_IN = ["collect", "extract", "dedup", "tokenize"]
 MINIMAL_TRAIN = {"max_steps": 2, "eval_interval": 2, "eval_batches": 1, "checkpoint_interval": 2}
 
 
-TRAINED = STAGES[:STAGES.index("train") + 1]   # evaluate off: nothing after train is compared here
-
-
 def kill_config(path: Path, experiment: str) -> str:
-    config = write_config(path, experiment, f"{experiment}-gpt", **MINIMAL_TRAIN)
-    cfg = yaml.safe_load(path.read_text())
-    cfg["evaluate"]["enabled"] = False
-    path.write_text(yaml.safe_dump(cfg))
-    return config
+    return write_config(path, experiment, f"{experiment}-gpt", evaluate=False, **MINIMAL_TRAIN)
 
 
 def digests(run_dir: Path) -> dict[str, str]:

@@ -335,7 +335,8 @@ def test_compose_workers_run_the_nightly_deployment_with_basic_auth_and_s3(compo
                PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", PREFECT_HOME=str(tmp_path / ".prefect"),
                PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_SERVER_ANALYTICS_ENABLED="false")
     config = tmp_path / "run.yaml"
-    write_config(config, "compose", "compose-gpt", max_steps=20, eval_interval=10, checkpoint_interval=20)
+    write_config(config, "compose", "compose-gpt", evaluate=False, max_steps=20, eval_interval=10,
+                 checkpoint_interval=20)
     config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "data_dir": str(tmp_path / "runs")}))
 
     procs = [subprocess.Popen(compose_service(name)["command"], cwd=ROOT, env=env, start_new_session=True,
