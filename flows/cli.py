@@ -23,7 +23,7 @@ def _ui_hint(flow_run_id: str | None) -> list[str]:
     url = flow_run_ui_url(flow_run_id)
     lines = [f"Prefect flow run: {url}" if url else
              f"Prefect flow run: {flow_run_id} (temporary server; set PREFECT_API_URL to keep runs)"]
-    lines.append("Open the UIs:      make services   (Prefect http://127.0.0.1:4200, MLflow http://127.0.0.1:5000)")
+    lines.append("Open the UIs:     make services   (Prefect http://127.0.0.1:4200, MLflow http://127.0.0.1:5000)")
     return lines
 
 
