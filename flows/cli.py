@@ -129,7 +129,7 @@ def cmd_run(args) -> int:
         from flows.data_runs import DataRunError, for_training
         data_run = str(Path(args.data).resolve()) if Path(args.data).exists() else args.data
         try:
-            data = for_training(data_run, cfg.data_dir, heldout=cfg.evaluate.enabled)
+            data = for_training(data_run, cfg)
         except DataRunError as e:
             print(f"ssl-pipeline run: --data {e}", file=sys.stderr)
             return 2

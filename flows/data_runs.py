@@ -22,6 +22,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from flows import lineage
 from tasks import tracking
+from tasks.config import PipelineConfig
+from tasks.evaluate import too_few_to_evaluate
 from tasks.shards import read_manifest
 
 DATA_STAGES = ("collect", "extract", "filter", "dedup", "decontaminate", "tokenize")
@@ -64,10 +66,10 @@ def resolve(spec: str, data_dir: str | Path) -> DataRun:
                        f"or a pipeline run recorded in MLflow at {mlflow.get_tracking_uri()}")
 
 
-def for_training(spec: str, data_dir: str | Path, heldout: bool) -> DataRun:
-    """The data run to train on: its tokenize stage's shards must be there, and with ``heldout``
-    (the evaluate stage enabled) its decontaminate stage's held-out documents too."""
-    run = resolve(spec, data_dir)
+def for_training(spec: str, cfg: PipelineConfig) -> DataRun:
+    """The data run to train on: its tokenize stage's shards must be there, and with the evaluate
+    stage enabled its decontaminate stage's held-out documents too, enough of them to score on."""
+    run, heldout = resolve(spec, cfg.data_dir), cfg.evaluate.enabled
     tok = run.manifests.get("tokenize")
     if tok is None:
         last = next(reversed(run.manifests), None)
@@ -81,6 +83,8 @@ def for_training(spec: str, data_dir: str | Path, heldout: bool) -> DataRun:
             raise DataRunError(f"{spec}: the evaluate stage needs its decontaminate stage's held-out documents, "
                                f"which are not there ({dec['dir'] if dec else 'no decontaminate stage'}); "
                                "or set evaluate.enabled=false")
+        if too_few := too_few_to_evaluate(cfg, dec):
+            raise DataRunError(f"{spec}: {too_few}")
     return run
 
 

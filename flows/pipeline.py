@@ -25,7 +25,7 @@ from tasks.collect import collect_task
 from tasks.config import ConfigError, PipelineConfig, load_config
 from tasks.decontaminate import decontaminate_task
 from tasks.dedup import dedup_task
-from tasks.evaluate import evaluate_task
+from tasks.evaluate import evaluate_task, too_few_to_evaluate
 from tasks.extract import extract_task
 from tasks.filter import filter_task
 from tasks.stage import prepared, result_store
@@ -96,7 +96,7 @@ def pipeline(config_path: str | None = None, overrides: list[str] | None = None,
             if start_from != "train" or not data_run or until in data_runs.DATA_STAGES:
                 raise ConfigError(f"start_from={start_from!r}, data_run={data_run!r}, until={until!r}: start_from "
                                   "can only be 'train', with data_run naming the data, and until train or evaluate")
-            data = data_runs.for_training(data_run, cfg.data_dir, heldout=cfg.evaluate.enabled)
+            data = data_runs.for_training(data_run, cfg)
     except (ConfigError, data_runs.DataRunError) as e:
         return Failed(message=str(e))
     data_dir = Path(cfg.data_dir).resolve()
@@ -141,8 +141,11 @@ def pipeline(config_path: str | None = None, overrides: list[str] | None = None,
                 else:
                     manifest = prepared(task, ctx, sections[stage], inputs)(ctx, sections[stage], inputs)
                 manifests[stage] = manifest
-                if manifest["rows"] == 0:
-                    msg = empty_stage_message(stage, manifest)
+                msg = empty_stage_message(stage, manifest) if manifest["rows"] == 0 else \
+                    f"{too_few}. Nothing was trained; its output is kept in {manifest['dir']}." \
+                    if stage == "decontaminate" and until in (None, "evaluate") \
+                    and (too_few := too_few_to_evaluate(cfg, manifest)) else None
+                if msg:
                     tracking.client().set_tag(parent, "ssl_pipeline.stopped_at", stage)
                     _report(parent, manifests)
                     tracking.end_run(parent, ok=False)

@@ -43,7 +43,7 @@ from ssl_model.export import export_checkpoint, export_hf
 from ssl_model.model import GPT
 from tasks import tracking
 from tasks.compare import text_table
-from tasks.config import EvaluateConfig
+from tasks.config import EvaluateConfig, PipelineConfig
 from tasks.harness import TaskDataMissing, load_tasks, quiet_harness, task_manager  # noqa: F401
 from tasks.probe import probe
 from tasks.shards import fresh_tmp_dir, publish_dir
@@ -161,6 +161,18 @@ def cloze_items(docs: list[dict], per_doc: int) -> list[dict]:
                     break
         items += _spread(found, per_doc)
     return items
+
+
+def too_few_to_evaluate(cfg: PipelineConfig, decontaminated: dict) -> str | None:
+    """Why this stage could not score a model trained on the decontaminate stage's output, said
+    before training: its suite (and a non-causal model's probe) needs at least 2 evaluation documents."""
+    held, sources = decontaminated.get("heldout_docs", 0), decontaminated.get("eval_source_docs", 0)
+    if not cfg.evaluate.enabled or held + sources >= 2 or not (cfg.evaluate.suite or cfg.train.objective != "causal"):
+        return None
+    return (f"decontaminate: {held + sources} evaluation document(s) for {decontaminated['input_rows']} documents "
+            f"(held out: {held}, decontaminate.heldout_fraction {cfg.decontaminate.heldout_fraction} of 10 or more "
+            f"documents; from evaluate.sources: {sources}); the evaluate stage needs at least 2: add documents, "
+            "name evaluate.sources, or set evaluate.enabled=false")
 
 
 def build_suite(docs: list[dict], folder: str | Path, max_items: int = 500, seed: int = 0) -> dict:

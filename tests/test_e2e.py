@@ -492,6 +492,27 @@ def test_stage_results_on_s3_are_reused_by_the_next_run(tmp_path):
     assert len(json.loads(out.read_text())["objects"]) >= len(STAGES)
 
 
+def test_a_corpus_with_nothing_to_evaluate_on_stops_before_training(tmp_path, servers):
+    """No held-out documents and no evaluation sources: a run stops after decontaminate, saying why,
+    rather than training a model its evaluate stage cannot score; a data-only run of that corpus
+    is fine, and training on it is refused before any work."""
+    config = write_config(tmp_path / "run.yaml", "no-suite", "no-suite-gpt")
+    none_out = ["--set", "decontaminate.heldout_fraction=0"]
+    data = run_cli(["run", "--config", config, "--until", "tokenize", *none_out], servers, tmp_path)
+    assert data.returncode == 0, data.stdout[-3000:] + data.stderr[-5000:]
+    (run_dir,) = (tmp_path / "runs").glob("*-*-*-*-*")
+    train = run_cli(["run", "--config", config, "--from", "train", "--data", run_dir.name, *none_out], servers, tmp_path)
+    assert train.returncode == 2 and "0 evaluation document(s)" in train.stderr, train.stdout[-3000:] + train.stderr
+    full = run_cli(["run", "--config", config, *none_out], servers, tmp_path)
+    assert full.returncode == 1, full.stdout[-3000:] + full.stderr[-5000:]
+    assert "decontaminate: 0 evaluation document(s)" in full.stderr and "Nothing was trained" in full.stderr, \
+        full.stderr[-5000:]
+    assert "Traceback" not in full.stdout + full.stderr, full.stderr[-5000:]
+    states = task_states(servers["PREFECT_API_URL"], flow_run_id(full.stdout + full.stderr))
+    assert "decontaminate" in states and "tokenize" not in states and "train" not in states, states
+    assert not list((tmp_path / "runs").glob("*/train"))
+
+
 def test_unreachable_start_url_stops_with_one_clear_message(tmp_path, servers, refused_url):
     # no PREFECT_API_URL: the flow runs on Prefect's temporary local server
     proc = run_cli(["run", "--set", f"collect.start_urls=[{refused_url}]", "--set", "collect.retries=0",
