@@ -148,7 +148,7 @@ def card(run: DataRun, stage: str, rows: int, schema: pa.Schema, languages: Coun
     front = {"pretty_name": out.name, "license": "unknown",
              **({"language": [c for c, _ in codes.most_common()]} if codes else {}),
              "size_categories": [size_category(rows)], "task_categories": ["text-generation"],
-             "tags": ["ssl-pipeline", f"stage:{stage}", "web-crawl"],
+             "tags": ["ssl-pipeline", f"stage:{stage}"],
              "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}],
              "dataset_info": {"features": [{"name": f.name, "dtype": feature(f.type)} for f in schema],
                               "splits": [{"name": "train", "num_examples": rows}]}}
