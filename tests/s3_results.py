@@ -35,7 +35,7 @@ def main(work: str, out: str) -> None:
     host, port = server.get_host_and_port()
     work_dir = Path(work)
     config = work_dir / "run.yaml"
-    write_config(config, "s3-cache", "s3-cache-gpt")
+    write_config(config, "s3-cache", "s3-cache-gpt", evaluate=False)
     cfg = yaml.safe_load(config.read_text())
     cfg["cache"] = {"storage": "s3://results/ssl-cache",
                     "storage_options": {"client_kwargs": {"endpoint_url": f"http://{host}:{port}"}}}

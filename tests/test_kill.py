@@ -20,11 +20,10 @@ from infra.services import AUTOMATION, CRASH_AFTER_S, ensure_crash_automation, s
 from infra.services import services as make_services
 from tests.browser import wait_until
 from tests.conftest import BIN, cli_env, run_cli
-from tests.test_e2e import DATA_STAGES, STAGES, parent_runs, stage_runs, task_states, write_config
+from tests.test_e2e import DATA_STAGES, TRAINED, parent_runs, stage_runs, task_states, write_config
 
 pytestmark = pytest.mark.e2e
 SILENCE_S = 45   # the automation's window in these tests (heartbeats come every 30 s)
-TRAINED = STAGES[:STAGES.index("train") + 1]   # evaluate off in these runs: nothing after train is compared
 
 
 def flow_state(api: str, fr_id: str) -> dict:
