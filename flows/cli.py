@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.config import ConfigError, TrackingConfig, load_config
+from tasks.config import DATA_STAGES, ConfigError, TrackingConfig, load_config
 
 PROFILES = Path(__file__).parent / "profiles"
 PERSISTENT = ("make services, then export PREFECT_API_URL=http://127.0.0.1:4200/api "
@@ -96,9 +96,6 @@ def cmd_ablate(args) -> int:
     print(f"Data:             {r['dir']}")
     print("\n".join(_ui_hint(flow_run_id)))
     return 0
-
-
-DATA_STAGES = ("collect", "extract", "filter", "dedup", "decontaminate", "tokenize")
 
 
 def run_options(args) -> str | None:

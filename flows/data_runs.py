@@ -22,11 +22,10 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from flows import lineage
 from tasks import tracking
-from tasks.config import PipelineConfig
+from tasks.config import DATA_STAGES, PipelineConfig
 from tasks.evaluate import too_few_to_evaluate
 from tasks.shards import read_manifest
 
-DATA_STAGES = ("collect", "extract", "filter", "dedup", "decontaminate", "tokenize")
 RUN_ID_RE = re.compile(r"[0-9a-f]{32}")
 FLOW_RUN_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -136,21 +135,11 @@ def _pipeline_run(spec: str):
 
 def _from_pipeline_run(spec: str, parent) -> DataRun:
     """The data stages as the pipeline run recorded them (its tags), else its finished stage runs."""
-    tags, c = parent.data.tags, tracking.client()
-    last = None
-    for stage in reversed(DATA_STAGES):
-        if f"ssl_pipeline.{stage}.mlflow_run_id" in tags:
-            last = lineage.get_run(tags[f"ssl_pipeline.{stage}.mlflow_run_id"])
-            break
-    if last is None:
-        runs = [r for r in c.search_runs([parent.info.experiment_id],
-                                         f"tags.`{lineage.PARENT_TAG}` = '{parent.info.run_id}' and "
-                                         "attributes.status = 'FINISHED'")
-                if r.data.tags.get(tracking.STAGE_TAG) in DATA_STAGES]
-        if not runs:
-            raise DataRunError(f"{spec}: MLflow pipeline run {parent.info.run_id} has no finished data stage")
-        last = max(runs, key=lambda r: (DATA_STAGES.index(r.data.tags[tracking.STAGE_TAG]), r.info.start_time))
-    return DataRun(spec, _chain(spec, last), parent.info.run_id, tags.get(tracking.FLOW_RUN_TAG))
+    try:
+        last = lineage.last_stage_run(parent, DATA_STAGES)
+    except tracking.LineageError as e:
+        raise DataRunError(f"{spec}: {e}") from None
+    return DataRun(spec, _chain(spec, last), parent.info.run_id, parent.data.tags.get(tracking.FLOW_RUN_TAG))
 
 
 def _from_folder(folder: Path) -> DataRun:

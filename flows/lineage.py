@@ -26,11 +26,12 @@ import pyarrow.parquet as pq
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
+from tasks.config import DATA_STAGES
 from tasks.shards import read_schema, read_table
 from tasks.tracking import FLOW_RUN_TAG, STAGE_TAG, LineageError, client, model_version, reasons_text
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # manifests are tiny
-STAGES = ("collect", "extract", "filter", "dedup", "decontaminate", "tokenize", "train")
+STAGES = (*DATA_STAGES, "train")
 PARENT_TAG = "mlflow.parentRunId"
 BULKY = {"html", "text"}                      # never read here
 IDENTITY = {"doc_id", "source", "url", "fetched_at", "status", "content_sha256", "record_id", "reason"}
@@ -121,19 +122,21 @@ def latest_pipeline_run(experiment: str) -> Run:
     return runs[0]
 
 
-def last_stage_run(pipeline_run: Run) -> Run:
-    """The latest stage of a pipeline (parent) run, as it recorded it, else its last finished nested run."""
+def last_stage_run(pipeline_run: Run, stages: tuple[str, ...] = STAGES) -> Run:
+    """The latest of ``stages`` a pipeline (parent) run has, as it recorded it, else its last finished
+    nested run of them."""
     tags = pipeline_run.data.tags
-    for stage in reversed(STAGES):
+    for stage in reversed(stages):
         if f"ssl_pipeline.{stage}.mlflow_run_id" in tags:
             return get_run(tags[f"ssl_pipeline.{stage}.mlflow_run_id"])
     runs = [r for r in client().search_runs([pipeline_run.info.experiment_id],
                                             f"tags.`{PARENT_TAG}` = '{pipeline_run.info.run_id}' and "
                                             f"attributes.status = 'FINISHED'")
-            if r.data.tags.get(STAGE_TAG) in STAGES]
+            if r.data.tags.get(STAGE_TAG) in stages]
     if not runs:
-        raise LineageError(f"MLflow run {pipeline_run.info.run_id} has no finished stage runs")
-    return max(runs, key=lambda r: (STAGES.index(r.data.tags[STAGE_TAG]), r.info.start_time))
+        raise LineageError(f"MLflow run {pipeline_run.info.run_id} has no finished stage runs "
+                           f"({', '.join(stages)})")
+    return max(runs, key=lambda r: (stages.index(r.data.tags[STAGE_TAG]), r.info.start_time))
 
 
 # --- the data: Parquet shards of a stage ---------------------------------------------------------

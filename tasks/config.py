@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ssl_model.config import PRESETS, ModelConfig
 
 
+DATA_STAGES = ("collect", "extract", "filter", "dedup", "decontaminate", "tokenize")   # in order, before train
+
+
 class ConfigError(ValueError):
     """A configuration file or override that cannot be used; the message names the key."""
 
