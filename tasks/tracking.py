@@ -200,6 +200,12 @@ def _documents(manifests: dict[str, dict]) -> dict[str, dict]:
     return {s: m for s, m in manifests.items() if s not in MODEL_STAGES}
 
 
+def _drops(manifests: dict[str, dict]) -> list[tuple[str, str, int]]:
+    """(stage, reason, documents) for every drop reason of every data stage, the largest first in a stage."""
+    return [(s, reason, n) for s, m in _documents(manifests).items()
+            for reason, n in sorted(m["reasons"].items(), key=lambda x: -x[1])]
+
+
 def funnel_figure(manifests: dict[str, dict]):
     """The funnel of the data stages as a chart: per stage the documents kept and dropped (top),
     and every stage's drops by reason, one labelled bar per reason code (bottom)."""
@@ -207,8 +213,8 @@ def funnel_figure(manifests: dict[str, dict]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = funnel(_documents(manifests))
-    drops = [(r["stage"], reason, n, i) for i, r in enumerate(rows)
-             for reason, n in sorted(manifests[r["stage"]]["reasons"].items(), key=lambda x: -x[1])]
+    order = [r["stage"] for r in rows]
+    drops = [(stage, reason, n, order.index(stage)) for stage, reason, n in _drops(manifests)]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 1.6 + 0.3 * (len(rows) + max(len(drops), 1))),
                                       height_ratios=[max(len(rows), 1), max(len(drops), 1)])
     y = range(len(rows))
@@ -256,9 +262,7 @@ def funnel_markdown(manifests: dict[str, dict], run_id: str | None = None) -> st
                     f"[the experiment's runs]({run_url(run_id, experiment=True)}).")
     lines = [" ".join(text), "", "| stage | in | kept | dropped |", "|---|---:|---:|---:|"]
     lines += [f"| {r['stage']} | {r['docs_in']} | {r['docs_out']} | {r['dropped']} |" for r in rows]
-    drops = [(r["stage"], reason, n) for r in rows
-             for reason, n in sorted(manifests[r["stage"]]["reasons"].items(), key=lambda x: -x[1])]
-    if drops:
+    if drops := _drops(manifests):
         lines += ["", "| stage | dropped because | documents |", "|---|---|---:|"]
         lines += [f"| {stage} | `{reason}` | {n} |" for stage, reason, n in drops]
     return "\n".join(lines) + "\n"
