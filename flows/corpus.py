@@ -25,7 +25,7 @@ from mlflow.exceptions import MlflowException
 
 from flows.data_runs import DataRun, DataRunError, log_input
 from tasks import tracking
-from tasks.shards import fresh_tmp_dir, publish_dir
+from tasks.shards import fresh_tmp_dir, publish_dir, read_schema
 
 CORPUS_STAGES = ("extract", "filter", "dedup", "decontaminate")   # stages whose rows are documents' text
 COLUMNS = ("doc_id", "text", "url", "source", "title", "date", "language", "hostname", "fetched_at",
@@ -86,7 +86,7 @@ def _write_shards(m: dict, folder: Path, shard_bytes: int) -> tuple[int, list[st
     of about ``shard_bytes`` of text each."""
     folder.mkdir(parents=True)
     paths = [Path(m["dir"]) / f["path"] for f in m["files"] if f["path"].endswith(".parquet")]
-    names = set(pq.read_schema(paths[0]).names) if paths else {"doc_id", "text"}
+    names = set(read_schema(m).names)
     columns = [c for c in COLUMNS if c in names]
     parts, pending, size, rows, languages, schema = [], [], 0, 0, Counter(), None
 
