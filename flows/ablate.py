@@ -117,6 +117,8 @@ def load_ablation(path: str | Path) -> tuple[AblationConfig, str | None, dict[st
             cfgs[name] = load_config(base, variant_overrides(ab, name))
         except ConfigError as e:
             raise ConfigError(f"variant {name}: {e}") from None
+    if not next(iter(cfgs.values())).evaluate.enabled:
+        raise ConfigError("evaluate.enabled: false: an ablation compares the variants by their evaluate stage")
     return ab, base, cfgs
 
 
@@ -237,6 +239,8 @@ def comparison(ab: AblationConfig, results: dict[tuple[str, int], dict], steps: 
     """Scores of every variant on the one suite (refusing different suites), the paired
     bootstrap's differences and verdicts, and what each variant trained on."""
     digests = {f"{n}-seed{s}": r["stages"]["evaluate"]["suite_digest"] for (n, s), r in results.items()}
+    if None in digests.values():
+        raise ValueError("a variant was scored on no evaluation suite: " + ", ".join(k for k, v in digests.items() if v is None))
     if len(set(digests.values())) != 1:
         raise ValueError("the variants were scored on different evaluation suites, which cannot be compared: "
                          + ", ".join(f"{k} {v[:12]}" for k, v in digests.items()))
@@ -252,15 +256,21 @@ def comparison(ab: AblationConfig, results: dict[tuple[str, int], dict], steps: 
                    "tokens_seen": tokens, "epochs": round(tokens / max(1, r["tokenize"]["train_tokens"]), 2),
                    "data_digest": r["decontaminate"]["digest"][:12]}
     curves = {n: curve(results[(n, ab.ablate.seeds[0])]["stages"]["train"]) for n in names}
+    objective = results[(names[0], ab.ablate.seeds[0])]["stages"]["train"].get("objective", "causal")
     return {"suite_digest": next(iter(digests.values())), "tokens": ab.ablate.tokens, "steps": steps,
+            "objective": objective, "curve_label": CURVE[objective][1],
             "seeds": ab.ablate.seeds, "variants": info, "comparison": result, "curves": curves,
             "runs": {f"{n}-seed{s}": r["mlflow_run_id"] for (n, s), r in results.items()},
             "table": compare.text_table(compare.table_rows(result, info)), "verdicts": compare.verdict_lines(result)}
 
 
+CURVE = {"causal": ("heldout_bpb", "held-out bits per byte"), "mlm": ("heldout_loss", "held-out masked-LM loss"),
+         "contrastive": ("heldout_loss", "held-out contrastive loss")}
+
+
 def curve(train: dict) -> list[tuple[int, float]]:
-    """(tokens seen, held-out bits per byte) at each of the training's evaluations (from its MLflow run)."""
-    history = tracking.client().get_metric_history(train["mlflow_run_id"], "heldout_bpb")
+    """(tokens seen, the held-out metric of CURVE) at each of the training's evaluations (from its MLflow run)."""
+    history = tracking.client().get_metric_history(train["mlflow_run_id"], CURVE[train.get("objective", "causal")][0])
     return sorted((m.step * train["tokens_per_step"], m.value) for m in history)
 
 
@@ -292,7 +302,7 @@ def log_comparison(run_id: str, report: dict, root: Path) -> None:
     c.log_figure(run_id, fig, "final_metrics.png")
     plt.close(fig)
     if any(report["curves"].values()):
-        fig = compare.curves_figure(report["curves"], "held-out bits per byte")
+        fig = compare.curves_figure(report["curves"], report["curve_label"])
         c.log_figure(run_id, fig, "eval_curves.png")
         plt.close(fig)
     create_table_artifact(key="ablation", table=compare.table_rows(report["comparison"], report["variants"]),

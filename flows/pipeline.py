@@ -190,7 +190,8 @@ def train_flow(ctx: dict, section: dict, inputs: list[dict]) -> dict:
 def _train_on_deployment(name: str, ctx: dict, section: dict, inputs: list[dict]) -> dict:
     """Run ``train_flow`` through its deployment and wait; its manifest comes back through the
     shared result storage, under the train task's cache key."""
-    child = run_deployment(name, parameters={"ctx": ctx, "section": section, "inputs": inputs}, timeout=None)
+    child = run_deployment(name, parameters={"ctx": ctx, "section": section, "inputs": inputs}, timeout=None,
+                           flow_run_name=f"{flow_run.get_name()}-train")   # named after its pipeline run
     if not child.state or not child.state.is_completed():
         state = child.state.name if child.state else "unknown"
         raise RuntimeError(f"train deployment {name}: flow run {child.id} ended {state}: "

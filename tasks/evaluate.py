@@ -441,14 +441,33 @@ def score_models(models: dict[str, dict], loaded: dict | None, docs: list[dict],
                     f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
             scored = r["scores"]
         else:
-            scored = {"probe": probe_scores(m, docs, cfg.seed)}
+            scored, correct = probe_scores(m, docs, cfg.seed)
+            scored = {"probe": scored}
+            (out / "samples" / label).mkdir(parents=True, exist_ok=True)
+            with open(out / "samples" / label / "probe.jsonl", "w") as f:   # per test passage, as lm-eval's samples
+                f.writelines(json.dumps({"doc_id": i, "acc": c}) + "\n" for i, c in enumerate(correct))
         report[label] = {"spec": m["spec"], "objective": m["objective"], "scores": scored,
                          "seconds": round(time.time() - t0, 3)}
     return report
 
 
-def probe_scores(m: dict, docs: list[dict], seed: int) -> dict:
-    """The transfer probe (tasks/probe.py) of an encoder, as {metric: {"value", "stderr", "n"}}."""
+def probe_digest(docs: list[dict], seed: int) -> str:
+    """sha256 of what an encoder is probed on: the held-out documents in their order, the passage
+    size and the split's seed (equal digests: the same test passages)."""
+    h = hashlib.sha256(json.dumps({"words": PROBE_WORDS, "per_doc": PROBE_PER_DOC, "seed": seed}).encode())
+    for d in docs:
+        h.update(hashlib.sha256(f"{d['doc_id']}\0{d['text']}".encode()).digest())
+    return h.hexdigest()
+
+
+def eval_digest(report: dict) -> str | None:
+    """What a model was scored on: the suite's digest, or for an encoder the probe's."""
+    return (report["suite"] or {}).get("digest") or report.get("probe_digest")
+
+
+def probe_scores(m: dict, docs: list[dict], seed: int) -> tuple[dict, list[int]]:
+    """The transfer probe (tasks/probe.py) of an encoder, as {metric: {"value", "stderr", "n"}}, and
+    whether each test passage was labelled right (0/1, the same passages for every model)."""
     model = m["model"] if "model" in m else load_model(m["checkpoint"])
     r = probe(model, Tokenizer.from_file(m["tokenizer"]), docs, causal=False, seed=seed, words=PROBE_WORDS,
               max_per_doc=PROBE_PER_DOC)
@@ -456,7 +475,7 @@ def probe_scores(m: dict, docs: list[dict], seed: int) -> dict:
            for k in ("probe_accuracy", "majority_accuracy", "tfidf_accuracy")}
     out["probe_accuracy"]["chance"] = float(r["majority_accuracy"])
     out["probe_accuracy"]["label"] = f"{r['label']} ({r['classes']} classes)"
-    return out
+    return out, r["test_correct"]
 
 
 def evaluate_stage(cfg, train: dict, heldout: dict, out: str | Path) -> dict:
@@ -502,6 +521,7 @@ def evaluate_stage(cfg, train: dict, heldout: dict, out: str | Path) -> dict:
         for i, spec in enumerate(cfg.baselines):
             models[f"baseline{i + 1}"] = resolve_model(spec, tmp / "baselines")
         report = {"objective": objective, "suite": suite, "heldout_docs": len(docs), "tasks": names,
+                  "probe_digest": None if causal else probe_digest(docs, cfg.seed),
                   "models": score_models(models, loaded, docs, cfg, tmp)}
         report["seconds"] = round(time.time() - t0, 3)
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -607,7 +627,7 @@ def log_report(run_id: str, report: dict, out: Path, model_uri: str | None, desc
     fig = score_figure(report)
     c.log_figure(run_id, fig, "scores.png")
     plt.close(fig)
-    tags = {"ssl_pipeline.eval_suite_sha256": (report["suite"] or {}).get("digest", ""),
+    tags = {"ssl_pipeline.eval_suite_sha256": eval_digest(report) or "",
             "ssl_pipeline.eval_headline": headline_text(report)[:5000]}
     for k, v in tags.items():
         c.set_tag(run_id, k, v)
@@ -616,8 +636,8 @@ def log_report(run_id: str, report: dict, out: Path, model_uri: str | None, desc
         name, version = mv.name, mv.version
         for key, s in headline(report["models"]["model"]["scores"]).items():
             c.set_model_version_tag(name, version, f"eval.{key}", f"{s['value']:.4f} ± {s['stderr']:.4f}")
-        if report["suite"]:
-            c.set_model_version_tag(name, version, "eval.suite_sha256", report["suite"]["digest"])
+        if eval_digest(report):
+            c.set_model_version_tag(name, version, "eval.suite_sha256", eval_digest(report))
         c.set_model_version_tag(name, version, "eval.mlflow_run_id", run_id)
         if describe:
             tracking.describe_model_version(name, version, f"Evaluated (MLflow run {run_id}): {headline_text(report)}",
@@ -637,7 +657,7 @@ def evaluate_task(ctx: dict, section: dict, inputs: list[dict], run_id: str) -> 
     manifest = {"stage": "evaluate", "dir": str(out), "rows": report["heldout_docs"], "input_rows": report["heldout_docs"],
                 "dropped": 0, "reasons": {}, "digest": digest, "bytes": (out / "report.json").stat().st_size,
                 "seconds": report["seconds"], "suite": report["suite"], "tasks": report["tasks"],
-                "suite_digest": (report["suite"] or {}).get("digest"),
+                "suite_digest": eval_digest(report),
                 "headline": headline(report["models"]["model"]["scores"]),
                 "headline_text": headline_text(report), "table": table_text(report)}
     return manifest, {}

@@ -113,7 +113,9 @@ def probe(model, tokenizer, docs: list[dict], causal: bool = False, seed: int = 
           words: int = 64, max_per_doc: int = 20) -> dict:
     """Accuracy of a logistic regression on frozen embeddings at telling the labels of
     :func:`labelled_passages` apart on held-out passages, with the majority class and TF-IDF on
-    the same split for comparison (accuracies with their binomial standard errors)."""
+    the same split for comparison (accuracies with their binomial standard errors). The split
+    depends only on the documents and ``seed``: models probed on the same documents are tested on
+    the same passages, whose 0/1 outcomes (``test_correct``) can be compared item by item."""
     data = labelled_passages(docs, words, max_per_doc)
     counts = Counter(data["labels"])
     keep = [i for i, y in enumerate(data["labels"]) if counts[y] >= 2]   # stratifying needs 2 of each
@@ -125,7 +127,8 @@ def probe(model, tokenizer, docs: list[dict], causal: bool = False, seed: int = 
     y = np.array(labels)
     x = embed(model, tokenizer, texts, causal)
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=PROBE_C))
-    probe_acc = float(clf.fit(x[idx_train], y[idx_train]).score(x[idx_test], y[idx_test]))
+    correct = clf.fit(x[idx_train], y[idx_train]).predict(x[idx_test]) == y[idx_test]
+    probe_acc = float(correct.mean())
     tfidf = make_pipeline(TfidfVectorizer(sublinear_tf=True), LogisticRegression(max_iter=2000))
     t = np.array(texts, dtype=object)
     tfidf_acc = float(tfidf.fit(t[idx_train], y[idx_train]).score(t[idx_test], y[idx_test]))
@@ -134,6 +137,6 @@ def probe(model, tokenizer, docs: list[dict], causal: bool = False, seed: int = 
     majority_acc = float(np.mean(y[idx_test] == majority))
     n = len(idx_test)
     return {"label": data["label"], "classes": len(set(labels)), "train_passages": len(idx_train),
-            "test_passages": n, "probe_accuracy": probe_acc, "probe_accuracy_stderr": stderr(probe_acc, n),
+            "test_passages": n, "test_correct": correct.astype(int).tolist(), "probe_accuracy": probe_acc, "probe_accuracy_stderr": stderr(probe_acc, n),
             "majority_accuracy": majority_acc, "majority_accuracy_stderr": stderr(majority_acc, n),
             "tfidf_accuracy": tfidf_acc, "tfidf_accuracy_stderr": stderr(tfidf_acc, n)}

@@ -78,7 +78,8 @@ def test_ablation_file_is_checked_and_every_variant_resolved(tmp_path):
                ({"variants": {"a": {}, "b": {"evaluate.max_items": 20}}}, "variant b sets evaluate.max_items"),
                ({"variants": {"a": {}, "b": {}}, "ablate": {"tokenizer": "c"}}, "ablate.tokenizer 'c' is not a variant"),
                ({"variants": {"a": {}, "b": {"filter.nope": 1}}}, "variant b: invalid configuration"),
-               ({"variants": {"a": {}, "b": {}}, "ablate": {"seeds": []}}, "ablate.seeds")]
+               ({"variants": {"a": {}, "b": {}}, "ablate": {"seeds": []}}, "ablate.seeds"),
+               ({"variants": {"a": {}, "b": {}}, "set": {"evaluate.enabled": False}}, "compares the variants by their evaluate")]
     for doc, message in refused:
         with pytest.raises(ConfigError, match=message):
             load_ablation(write(tmp_path, doc))

@@ -569,6 +569,8 @@ def test_deployments_run_the_pipeline_on_its_pool_and_training_on_the_gpu_pool(t
                           ).json()
     assert [(c["deployment_id"], c["work_pool_name"], c["state"]["type"]) for c in children] == \
         [(train_dep["id"], "ssl-train-gpu", "COMPLETED")]
+    parent_name = httpx.get(f"{api}/flow_runs/{fr_id}").json()["name"]
+    assert children[0]["name"] == f"{parent_name}-train"   # which pipeline run a training on the pool is for
     # training ran in the child only; the parent holds the run_deployment call that links them
     link = httpx.get(f"{api}/task_runs/{children[0]['parent_task_run_id']}").json()
     assert link["flow_run_id"] == fr_id

@@ -19,6 +19,7 @@ from ssl_model.checkpoint import load_model
 from ssl_model.config import EOT, preset
 from ssl_model.export import export_checkpoint
 from ssl_model.trainer import TrainSettings, train
+from tasks import compare
 from tasks import evaluate as ev
 from tasks.config import DecontaminateConfig, EvaluateConfig, TokenizeConfig
 from tasks.decontaminate import decontaminate
@@ -201,3 +202,7 @@ def test_the_probe_of_an_mlm_encoder_beats_the_majority_class(heldout, shards, t
     acc, majority = probe["probe_accuracy"], probe["majority_accuracy"]
     assert acc["value"] - majority["value"] > 2 * acc["stderr"], probe
     assert probe["tfidf_accuracy"]["n"] == acc["n"] > 0 and untrained["probe_accuracy"]["n"] == acc["n"]
+    # what the probe was tested on, passage by passage, for an ablation to pair (tasks/compare.py)
+    items = compare.item_values(tmp_path / "evaluate")["probe.acc"]
+    assert items.shape == (acc["n"], 2) and items[:, 0].mean() == pytest.approx(acc["value"])
+    assert len(report["probe_digest"]) == 64 and report["probe_digest"] == ev.probe_digest(ev.read_heldout(heldout), 0)

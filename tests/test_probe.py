@@ -16,10 +16,12 @@ from ssl_model.checkpoint import load_model
 from ssl_model.config import preset
 from ssl_model.model import GPT
 from ssl_model.trainer import TrainSettings, train
+from tasks import compare
 from tasks.probe import embed, labelled_passages, probe
 from tasks.shards import iter_rows
+from tests.test_compare import items as as_items
 
-KEYS = {"label", "classes", "train_passages", "test_passages", "probe_accuracy", "probe_accuracy_stderr",
+KEYS = {"label", "classes", "train_passages", "test_passages", "test_correct", "probe_accuracy", "probe_accuracy_stderr",
         "majority_accuracy", "majority_accuracy_stderr", "tfidf_accuracy", "tfidf_accuracy_stderr"}
 
 
@@ -81,11 +83,18 @@ def test_a_trained_encoder_tells_held_out_documents_apart(tmp_path, stages):
     torch.manual_seed(0)
     untrained = probe(GPT(cfg).eval(), tokenizer, docs, seed=0, words=32, max_per_doc=40)
     print(f"\ntrained: {result}\nuntrained: {untrained}")
-    assert set(result) == KEYS and all(isinstance(v, (int, float, str)) for v in result.values())
+    assert set(result) == KEYS and all(isinstance(v, (int, float, str)) for k, v in result.items() if k != "test_correct")
     assert result["label"] == "document" and result["classes"] == len(docs) >= 2
     assert result["test_passages"] >= 30
     assert result["probe_accuracy"] - result["majority_accuracy"] > 2 * result["probe_accuracy_stderr"]
     assert result == probe(model, tokenizer, docs, seed=0, words=32, max_per_doc=40)   # deterministic
     # the same passages and split: majority and TF-IDF do not depend on the model
-    assert {k: untrained[k] for k in KEYS if not k.startswith("probe")} == \
-        {k: result[k] for k in KEYS if not k.startswith("probe")}
+    model_keys = {k for k in KEYS if k.startswith("probe")} | {"test_correct"}
+    assert {k: untrained[k] for k in KEYS - model_keys} == {k: result[k] for k in KEYS - model_keys}
+    # each test passage's outcome, the same passages for both models: an ablation pairs them
+    assert len(result["test_correct"]) == result["test_passages"] and set(result["test_correct"]) <= {0, 1}
+    assert np.mean(result["test_correct"]) == pytest.approx(result["probe_accuracy"])
+    paired = compare.compare({"untrained": [{"probe.acc": as_items(untrained["test_correct"])}],
+                              "trained": [{"probe.acc": as_items(result["test_correct"])}]}, iters=500)
+    (pair,) = paired["metrics"]["probe.acc"]["pairs"]
+    assert pair["diff"] == pytest.approx(result["probe_accuracy"] - untrained["probe_accuracy"])
