@@ -255,7 +255,7 @@ def comparison(ab: AblationConfig, results: dict[tuple[str, int], dict], steps: 
         info[n] = {"docs": r["tokenize"]["train_docs"], "train_tokens": r["tokenize"]["train_tokens"],
                    "tokens_seen": tokens, "epochs": round(tokens / max(1, r["tokenize"]["train_tokens"]), 2),
                    "data_digest": r["decontaminate"]["digest"][:12]}
-    curves = {n: curve(results[(n, ab.ablate.seeds[0])]["stages"]["train"]) for n in names}
+    curves = {n: mean_curve([curve(results[(n, s)]["stages"]["train"]) for s in ab.ablate.seeds]) for n in names}
     objective = results[(names[0], ab.ablate.seeds[0])]["stages"]["train"].get("objective", "causal")
     return {"suite_digest": next(iter(digests.values())), "tokens": ab.ablate.tokens, "steps": steps,
             "objective": objective, "curve_label": CURVE[objective][1],
@@ -272,6 +272,12 @@ def curve(train: dict) -> list[tuple[int, float]]:
     """(tokens seen, the held-out metric of CURVE) at each of the training's evaluations (from its MLflow run)."""
     history = tracking.client().get_metric_history(train["mlflow_run_id"], CURVE[train.get("objective", "causal")][0])
     return sorted((m.step * train["tokens_per_step"], m.value) for m in history)
+
+
+def mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
+    """The seeds' curves averaged at the points every seed has (the same steps, as they share a config)."""
+    common = set.intersection(*(set(dict(c)) for c in curves)) if curves else set()
+    return [(x, sum(dict(c)[x] for c in curves) / len(curves)) for x in sorted(common)]
 
 
 def log_comparison(run_id: str, report: dict, root: Path) -> None:
@@ -301,8 +307,12 @@ def log_comparison(run_id: str, report: dict, root: Path) -> None:
     fig = compare.bars_figure(report["comparison"])
     c.log_figure(run_id, fig, "final_metrics.png")
     plt.close(fig)
+    fig = compare.differences_figure(report["comparison"])
+    c.log_figure(run_id, fig, "differences.png")
+    plt.close(fig)
     if any(report["curves"].values()):
-        fig = compare.curves_figure(report["curves"], report["curve_label"])
+        seeds = len(report["seeds"])
+        fig = compare.curves_figure(report["curves"], report["curve_label"] + (f" (mean of {seeds} seeds)" if seeds > 1 else ""))
         c.log_figure(run_id, fig, "eval_curves.png")
         plt.close(fig)
     create_table_artifact(key="ablation", table=compare.table_rows(report["comparison"], report["variants"]),

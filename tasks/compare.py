@@ -149,6 +149,34 @@ def bars_figure(result: dict):
     return fig
 
 
+def differences_figure(result: dict):
+    """Each pair's difference with its confidence interval, one panel per metric, zero marked:
+    an interval that crosses the line is no difference this run can detect."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = list(result["metrics"])
+    pairs = max([len(m["pairs"]) for m in result["metrics"].values()], default=1)
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(3.4 * max(1, len(keys)), 1.5 + 0.45 * pairs),
+                             squeeze=False)
+    colour = {"better": "C2", "worse": "C3"}
+    for ax, key in zip(axes[0], keys):
+        m = result["metrics"][key]
+        for y, p in enumerate(m["pairs"]):
+            ax.errorbar(p["diff"], y, xerr=[[p["diff"] - p["low"]], [p["high"] - p["diff"]]], fmt="o", capsize=3,
+                        color=colour.get(p["verdict"], "C7"))
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_yticks(range(len(m["pairs"])), [f"{p['a']} vs {p['b']}" for p in m["pairs"]], fontsize=7)
+        ax.set_ylim(-0.6, len(m["pairs"]) - 0.4)
+        ax.invert_yaxis()
+        task, metric = key.split(".", 1)
+        ax.set_title(f"{task} {LABEL[metric]}: difference\n({m['direction']} is better, "
+                     f"{round(result['confidence'] * 100)}% CI)", fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def curves_figure(curves: dict[str, list[tuple[float, float]]], ylabel: str):
     """Each variant's evaluation curve ((tokens seen, value) points) on one chart."""
     import matplotlib

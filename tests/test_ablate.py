@@ -92,7 +92,7 @@ def test_ablation_killed_resumes_and_compares_on_one_suite(servers, tmp_path):
     children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert {"pipeline-loose-seed7", "pipeline-strict-seed7"} <= {r.info.run_name for r in children}
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"comparison.json", "comparison.txt", "final_metrics.png", "eval_curves.png"} <= arts, arts
+    assert {"comparison.json", "comparison.txt", "final_metrics.png", "differences.png", "eval_curves.png"} <= arts, arts
     # the suite's documents never reached training: each variant's decontaminate stage dropped them
     for name in ("loose", "strict"):   # (a stage reused from the cache is recorded by its first run)
         finished = [r for r in runs_named(client, f"pipeline-{name}-seed7") if r.info.status == "FINISHED"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import yaml
 
-from flows.ablate import load_ablation, set_aside, train_steps, variant_overrides
+from flows.ablate import load_ablation, mean_curve, set_aside, train_steps, variant_overrides
 from tasks import compare
 from tasks.config import ConfigError
 from tests.conftest import ROOT
@@ -102,3 +102,8 @@ def test_variants_scored_on_different_suites_are_not_compared():
                for n, digest in (("a", "1" * 64), ("b", "2" * 64))}
     with pytest.raises(ValueError, match="different evaluation suites.*a-seed1337 111111111111.*b-seed1337 2222"):
         comparison(ab, results, steps=10)
+
+
+def test_seeds_curves_are_averaged_where_every_seed_has_a_point():
+    assert mean_curve([[(0, 4.0), (10, 3.0)], [(0, 5.0), (10, 2.0), (20, 1.0)]]) == [(0, 4.5), (10, 2.5)]
+    assert mean_curve([[(0, 4.0)]]) == [(0, 4.0)] and mean_curve([]) == []
