@@ -460,9 +460,22 @@ def probe_digest(docs: list[dict], seed: int) -> str:
     return h.hexdigest()
 
 
+def tasks_digest(samples_dir: str | Path) -> str | None:
+    """sha256 of the items a model was scored on by harness tasks: each task's name and its
+    documents' hashes as lm-eval logs them (the same datasets and limit: the same digest)."""
+    h, found = hashlib.sha256(), False
+    for path in sorted(Path(samples_dir).glob("*.jsonl")):
+        found = True
+        h.update(path.stem.encode() + b"\0")
+        for s in sorted((json.loads(line) for line in path.open()), key=lambda s: s["doc_id"]):
+            h.update(f"{s['doc_id']}:{s.get('doc_hash', '')}\n".encode())
+    return h.hexdigest() if found else None
+
+
 def eval_digest(report: dict) -> str | None:
-    """What a model was scored on: the suite's digest, or for an encoder the probe's."""
-    return (report["suite"] or {}).get("digest") or report.get("probe_digest")
+    """What a model was scored on: the suite's digest; without a suite, the named tasks' items or,
+    for an encoder, the probe's documents."""
+    return (report["suite"] or {}).get("digest") or report.get("tasks_digest") or report.get("probe_digest")
 
 
 def probe_scores(m: dict, docs: list[dict], seed: int) -> tuple[dict, list[int]]:
@@ -523,6 +536,8 @@ def evaluate_stage(cfg, train: dict, heldout: dict, out: str | Path) -> dict:
         report = {"objective": objective, "suite": suite, "heldout_docs": len(docs), "tasks": names,
                   "probe_digest": None if causal else probe_digest(docs, cfg.seed),
                   "models": score_models(models, loaded, docs, cfg, tmp)}
+        if causal and not suite:   # named harness tasks only
+            report["tasks_digest"] = tasks_digest(tmp / "samples" / "model")
         report["seconds"] = round(time.time() - t0, 3)
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         publish_dir(tmp, out)

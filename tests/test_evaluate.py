@@ -180,6 +180,19 @@ def test_baselines_and_any_hugging_face_folder_are_scored_alike(causal, report, 
         pytest.approx(model["ssl_heldout_bpb"]["bits_per_byte"]["value"], rel=1e-9)
 
 
+def test_named_tasks_alone_give_the_digest_of_their_items(heldout, causal, report, tmp_path):
+    """Without the suite, what a model was scored on is named by its tasks' items (lm-eval's
+    doc hashes): an ablation compares variants only when it is the same."""
+    tasks = dict(suite=False, tasks=["ssl_cloze"], include_path=[report["suite"]["dir"]], untrained=False)
+    alone = ev.evaluate_stage(EvaluateConfig(**tasks), causal, heldout, tmp_path / "all")
+    fewer = ev.evaluate_stage(EvaluateConfig(**tasks, limit=5), causal, heldout, tmp_path / "five")
+    assert alone["suite"] is None and ev.eval_digest(alone) == alone["tasks_digest"]
+    assert alone["tasks_digest"] == ev.tasks_digest(tmp_path / "all" / "samples" / "model")
+    assert fewer["tasks_digest"] != alone["tasks_digest"]
+    scored, with_suite = (r["models"]["model"]["scores"]["ssl_cloze"] for r in (alone, report))
+    assert scored["acc"] == with_suite["acc"]
+
+
 def test_a_named_task_whose_dataset_is_absent_stops_with_one_line(causal, tmp_path):
     """No network (its own namespace) and an empty Hugging Face cache: hellaswag cannot load."""
     env = cli_env({"HF_HOME": str(tmp_path / "hf")}, tmp_path)
