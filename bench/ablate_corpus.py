@@ -37,9 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import corpus  # noqa: E402
 
-VARIANTS = {"raw": {"filter.enabled": False, "dedup.exact": False, "dedup.near": False},   # as ablate-demo.yaml
-            "filtered": {"dedup.exact": False, "dedup.near": False},
-            "curated": {}}
+VARIANTS = yaml.safe_load((ROOT / "flows/profiles/ablate-demo.yaml").read_text())["variants"]   # the demo's
 
 
 def ablation_file(corpus_path: Path, tokens: int, eval_path: Path | None = None) -> dict:

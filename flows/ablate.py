@@ -258,7 +258,7 @@ def comparison(ab: AblationConfig, results: dict[tuple[str, int], dict], steps: 
     curves = {n: mean_curve([curve(results[(n, s)]["stages"]["train"]) for s in ab.ablate.seeds]) for n in names}
     objective = results[(names[0], ab.ablate.seeds[0])]["stages"]["train"].get("objective", "causal")
     return {"suite_digest": next(iter(digests.values())), "tokens": ab.ablate.tokens, "steps": steps,
-            "objective": objective, "curve_label": CURVE[objective][1],
+            "objective": objective,
             "seeds": ab.ablate.seeds, "variants": info, "comparison": result, "curves": curves,
             "runs": {f"{n}-seed{s}": r["mlflow_run_id"] for (n, s), r in results.items()},
             "table": compare.text_table(compare.table_rows(result, info)), "verdicts": compare.verdict_lines(result)}
@@ -312,7 +312,7 @@ def log_comparison(run_id: str, report: dict, root: Path) -> None:
     plt.close(fig)
     if any(report["curves"].values()):
         seeds = len(report["seeds"])
-        fig = compare.curves_figure(report["curves"], report["curve_label"] + (f" (mean of {seeds} seeds)" if seeds > 1 else ""))
+        fig = compare.curves_figure(report["curves"], CURVE[report["objective"]][1] + (f" (mean of {seeds} seeds)" if seeds > 1 else ""))
         c.log_figure(run_id, fig, "eval_curves.png")
         plt.close(fig)
     create_table_artifact(key="ablation", table=compare.table_rows(report["comparison"], report["variants"]),

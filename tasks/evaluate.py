@@ -651,8 +651,8 @@ def log_report(run_id: str, report: dict, out: Path, model_uri: str | None, desc
         name, version = mv.name, mv.version
         for key, s in headline(report["models"]["model"]["scores"]).items():
             c.set_model_version_tag(name, version, f"eval.{key}", f"{s['value']:.4f} ± {s['stderr']:.4f}")
-        if eval_digest(report):
-            c.set_model_version_tag(name, version, "eval.suite_sha256", eval_digest(report))
+        if tags["ssl_pipeline.eval_suite_sha256"]:
+            c.set_model_version_tag(name, version, "eval.suite_sha256", tags["ssl_pipeline.eval_suite_sha256"])
         c.set_model_version_tag(name, version, "eval.mlflow_run_id", run_id)
         if describe:
             tracking.describe_model_version(name, version, f"Evaluated (MLflow run {run_id}): {headline_text(report)}",
